@@ -1,0 +1,60 @@
+"""``distilflow`` command line: one sub-command per job, each runs a Prefect flow.
+
+Each flow module in ``COMMAND_MODULES`` exposes ``register(subparsers)``, which adds its
+sub-command(s) and sets ``func`` (called with the parsed args; returns a process exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# Modules that contribute sub-commands, in the order they appear in --help.
+COMMAND_MODULES = [
+    "distilflow.flows.prepare",
+]
+
+
+def _quiet_prefect_defaults() -> None:
+    # Offline machines: Prefect's telemetry would log connection errors at every start.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    # One tokenizer thread per worker process: parallelism comes from --workers, not from rayon.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distilflow",
+        description="Corpus -> BERT pretraining data -> teacher -> distilled student -> evaluation / batch "
+        "inference, as Prefect flows. Run `distilflow COMMAND --help` for each job.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def _version() -> str:
+    from distilflow import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_prefect_defaults()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Orchestration helpers shared by the flows: task runners, progress, artifacts. Thin on purpose."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
+from tqdm import tqdm
+
+
+def make_task_runner(workers: int = 1, dask_address: str | None = None, dask_workers: int = 0) -> TaskRunner:
+    """Pick how shard tasks run: one process per worker locally, or on a Dask cluster.
+
+    * ``dask_address="tcp://host:8786"``: an existing Dask scheduler (prefect-dask).
+    * ``dask_workers=N``: start a local Dask cluster of N single-threaded worker processes.
+    * otherwise ``workers`` > 1: a local process pool (Python work is GIL-bound, threads would not scale);
+      ``workers`` == 1: tasks run one at a time in this process.
+    """
+    if dask_address or dask_workers:
+        from prefect_dask import DaskTaskRunner
+
+        if dask_address:
+            return DaskTaskRunner(address=dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    if workers > 1:
+        return ProcessPoolTaskRunner(max_workers=workers)
+    return ThreadPoolTaskRunner(max_workers=1)
+
+
+def wait_with_progress(futures: list[PrefectFuture], title: str, key: str | None = None) -> list[Any]:
+    """Wait for all futures with a terminal progress bar and a Prefect progress artifact.
+
+    Results come back in submission order; the first failure is raised after all have settled, so
+    finished shards are kept (and their markers written) even when one shard fails.
+    """
+    total = len(futures)
+    artifact_id = create_progress_artifact(progress=0.0, description=title, key=key) if total else None
+    done = 0
+    show = os.environ.get("DISTILFLOW_PROGRESS", "1") != "0"
+    with tqdm(total=total, desc=title, unit="shard", disable=not show or total == 0) as bar:
+        for _ in as_completed(futures):
+            done += 1
+            bar.update(1)
+            if artifact_id is not None:
+                update_progress_artifact(artifact_id, progress=100.0 * done / total)
+    errors = [f for f in futures if f.state.is_failed() or f.state.is_crashed()]
+    if errors:
+        # .result() re-raises the task's own exception with its message
+        errors[0].result()
+    return [f.result() for f in futures]
+
+
+def markdown_table(rows: Iterable[dict[str, Any]], columns: list[str] | None = None) -> str:
+    rows = list(rows)
+    if not rows:
+        return "_(no rows)_\n"
+    columns = columns or list(rows[0])
+    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    body = "".join("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |\n" for r in rows)
+    return head + body
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return str(v)
+
+
+def publish(markdown: str, key: str | None = None, description: str | None = None) -> None:
+    """A markdown artifact in the Prefect UI (keys: lowercase letters, digits and dashes)."""
+    create_markdown_artifact(markdown=markdown, key=key, description=description)
+
+
+def map_units(task_fn: Callable[..., Any], units: list[Any], **kwargs: Any) -> list[PrefectFuture]:
+    """Submit one task per unit of work (a shard or a GPU job), never one per row."""
+    return [task_fn.submit(u, **kwargs) for u in units]

@@ -1,0 +1,187 @@
+"""fsspec I/O shared by every job: input discovery, compressed reads, atomic writes, stage folders.
+
+Every path is a URL understood by fsspec (a local path, ``file://``, ``s3://``, ``memory://`` ...).
+Writes are atomic: locally we write ``.name.tmp-<pid>`` in the destination folder and ``os.replace``
+it; object stores (s3, gcs, ...) publish an object only when its upload completes, so a direct write
+is already all-or-nothing there.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import IO, Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+# Compression suffixes we open transparently (fsspec's "infer" also knows these).
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstd"}
+# Parquet writer settings are fixed so that the same table always gives the same bytes.
+PARQUET_WRITE_OPTS: dict[str, Any] = {"compression": "zstd", "use_dictionary": False, "write_statistics": True}
+
+
+class InputError(ValueError):
+    """A user-given input path is missing, unreadable or of an unknown format. Names the path."""
+
+
+def is_local(url: str) -> bool:
+    fs, _ = url_to_fs(url)
+    return isinstance(fs, LocalFileSystem)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL parts with '/', keeping the protocol (``s3://b/x`` + ``y`` -> ``s3://b/x/y``)."""
+    if "://" in base:
+        proto, rest = base.split("://", 1)
+        return f"{proto}://{posixpath.join(rest, *parts)}"
+    return os.path.join(base, *parts)
+
+
+def _full_url(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def expand_inputs(urls: list[str] | tuple[str, ...]) -> list[str]:
+    """Directories (recursively), globs and files -> a sorted, de-duplicated list of file URLs.
+
+    Hidden files and folders (``.name``) and our own temp files are skipped. Raises InputError naming
+    the URL when it matches nothing, so a typo never turns into an empty, "successful" run.
+    """
+    out: set[str] = set()
+    for url in urls:
+        try:
+            fs, path = url_to_fs(url)
+        except (ImportError, ValueError) as e:
+            raise InputError(f"{url}: cannot open this URL ({e}); install the fsspec backend for it") from e
+        try:
+            if any(c in path for c in "*?["):
+                found = [p for p in fs.glob(path) if fs.isfile(p)]
+            elif fs.isdir(path):
+                found = [p for p in fs.find(path)]
+            elif fs.isfile(path):
+                found = [path]
+            else:
+                raise InputError(f"{url}: no such file or directory (check the path and your credentials)")
+        except PermissionError as e:
+            raise InputError(f"{url}: permission denied ({e}); check credentials/ACLs") from e
+        found = [p for p in found if not any(part.startswith(".") for part in p.split("/")[-1:])]
+        if not found:
+            raise InputError(f"{url}: matched no files")
+        out.update(_full_url(fs, p) for p in found)
+    return sorted(out)
+
+
+def split_compression(url: str) -> tuple[str, str | None]:
+    """``a/b.jsonl.gz`` -> (``a/b.jsonl``, "gzip")."""
+    for suffix, comp in COMPRESSIONS.items():
+        if url.endswith(suffix):
+            return url[: -len(suffix)], comp
+    return url, None
+
+
+def open_input(url: str) -> IO[bytes]:
+    """Open a (possibly compressed) input for binary streaming reads."""
+    _, comp = split_compression(url)
+    return fsspec.open(url, "rb", compression=comp).open()
+
+
+def file_size(url: str) -> int:
+    fs, path = url_to_fs(url)
+    return int(fs.size(path) or 0)
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return bool(fs.exists(path))
+
+
+def makedirs(url: str) -> None:
+    fs, path = url_to_fs(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def listdir(url: str, suffix: str = "") -> list[str]:
+    """Sorted file URLs directly inside folder ``url`` ending with ``suffix`` (empty if missing)."""
+    fs, path = url_to_fs(url)
+    if not fs.exists(path):
+        return []
+    names = [p for p in fs.ls(path, detail=False) if p.endswith(suffix) and fs.isfile(p)]
+    names = [p for p in names if not posixpath.basename(p).startswith(".")]
+    return sorted(_full_url(fs, p) for p in names)
+
+
+def remove(url: str) -> None:
+    fs, path = url_to_fs(url)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+@contextmanager
+def atomic_open(url: str, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Write to a temp file beside ``url`` and rename it into place only if the block succeeds."""
+    fs, path = url_to_fs(url)
+    if isinstance(fs, LocalFileSystem):
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    else:
+        # Object stores: the object becomes visible only when the upload is committed on close.
+        buf = io.BytesIO() if "b" in mode else io.StringIO()
+        yield buf
+        data = buf.getvalue()
+        fs.pipe_file(path, data.encode() if isinstance(data, str) else data)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with atomic_open(url, "wb") as f:
+        f.write(data)
+
+
+def read_bytes(url: str) -> bytes:
+    with fsspec.open(url, "rb") as f:
+        return f.read()
+
+
+def write_json(url: str, obj: Any) -> None:
+    """Canonical JSON (sorted keys, 2-space indent, trailing newline): same object -> same bytes."""
+    write_bytes(url, (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+
+
+def read_json(url: str) -> Any:
+    return json.loads(read_bytes(url))
+
+
+def write_parquet(table: pa.Table, url: str, row_group_size: int = 8192) -> None:
+    """Atomically write ``table`` (schema enforced by the caller) with the fixed writer settings."""
+    with atomic_open(url, "wb") as f:
+        pq.write_table(table, f, row_group_size=row_group_size, **PARQUET_WRITE_OPTS)
+
+
+def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
+    with fsspec.open(url, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def iter_parquet_batches(url: str, columns: list[str] | None = None, batch_size: int = 4096) -> Iterator[pa.RecordBatch]:
+    """Stream a Parquet file batch by batch (bounded memory for files larger than RAM)."""
+    with fsspec.open(url, "rb") as f:
+        pf = pq.ParquetFile(f)
+        yield from pf.iter_batches(batch_size=batch_size, columns=columns)
