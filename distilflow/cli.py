@@ -14,6 +14,10 @@ import sys
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES = [
     "distilflow.flows.prepare",
+    "distilflow.flows.ops",
+    "distilflow.flows.inference",
+    "distilflow.flows.evaluate",
+    "distilflow.flows.train",
 ]
 
 

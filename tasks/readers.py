@@ -102,6 +102,7 @@ def iter_lines(f: IO[bytes], url: str, max_line_bytes: int) -> Iterator[tuple[in
             while raw and not raw.endswith(b"\n"):  # drain the rest of the long line
                 raw = f.readline(1 << 20)
                 size += len(raw)
+            size -= raw.endswith(b"\n")  # report the line's own length, without its newline
             yield BadRecord(url, line_no, "line_too_long", f"{size:,} bytes > max_line_bytes={max_line_bytes:,}")
             continue
         try:

@@ -16,10 +16,11 @@ unit's outputs are in place, so a killed run loses at most the units that were i
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from typing import Any
 
-from distilflow.tasks.io import exists, join, listdir, read_json, remove, write_bytes, write_json
+from distilflow.tasks.io import exists, is_local, join, listdir, read_json, remove, write_bytes, write_json
 
 MANIFEST_VERSION = 1
 
@@ -42,7 +43,8 @@ class StageDir:
         cfg_url = join(self.url, "config.json")
         if overwrite:
             remove(self.url)
-        elif exists(cfg_url):
+        remove_stale_temp_files(self.url)
+        if exists(cfg_url):
             old = read_json(cfg_url)
             if old.get("fingerprint") != self.fingerprint:
                 diff = sorted(k for k in set(old.get("config", {})) | set(self.config)
@@ -115,6 +117,20 @@ class StageDir:
         }
         write_json(join(self.url, "manifest.json"), manifest)
         return manifest
+
+
+def remove_stale_temp_files(url: str) -> int:
+    """Delete ``.name.tmp-*`` files a killed run left behind (local folders only: object stores never
+    expose a half-written object). Assumes one run per output folder at a time."""
+    if not is_local(url) or not os.path.isdir(url):
+        return 0
+    n = 0
+    for dirpath, _dirs, names in os.walk(url):
+        for name in names:
+            if name.startswith(".") and ".tmp-" in name:
+                os.unlink(os.path.join(dirpath, name))
+                n += 1
+    return n
 
 
 def read_manifest(stage_url: str) -> dict[str, Any]:
