@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -39,7 +39,7 @@ def wait_with_progress(futures: list[PrefectFuture], title: str, key: str | None
     finished shards are kept (and their markers written) even when one shard fails.
     """
     total = len(futures)
-    artifact_id = create_progress_artifact(progress=0.0, description=title, key=key) if total else None
+    artifact_id: Any = create_progress_artifact(progress=0.0, description=title, key=key) if total else None
     done = 0
     show = os.environ.get("DISTILFLOW_PROGRESS", "1") != "0"
     with tqdm(total=total, desc=title, unit="shard", disable=not show or total == 0) as bar:
@@ -76,8 +76,3 @@ def _fmt(v: Any) -> str:
 def publish(markdown: str, key: str | None = None, description: str | None = None) -> None:
     """A markdown artifact in the Prefect UI (keys: lowercase letters, digits and dashes)."""
     create_markdown_artifact(markdown=markdown, key=key, description=description)
-
-
-def map_units(task_fn: Callable[..., Any], units: list[Any], **kwargs: Any) -> list[PrefectFuture]:
-    """Submit one task per unit of work (a shard or a GPU job), never one per row."""
-    return [task_fn.submit(u, **kwargs) for u in units]

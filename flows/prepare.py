@@ -18,7 +18,6 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.task_runners import TaskRunner
 
 from distilflow.flows.common import make_task_runner, markdown_table, publish, wait_with_progress
 from distilflow.tasks.config import ConfigError
@@ -252,7 +251,7 @@ def _prepare_stages(inputs: list[str], output: str, tokenizer: str, max_seq_len:
             "pairs": pairs["rows"], "masked": masked["rows"], "tokens": pairs["tokens"]}
 
 
-def _in_runner(fn, name: str, runner: TaskRunner, **kwargs: Any) -> Any:
+def _in_runner(fn, name: str, runner: Any, **kwargs: Any) -> Any:
     """Run ``fn`` as a sub-flow whose shard tasks use ``runner`` (a flow's runner is fixed when it is
     created, so the parameters of the outer flow pick it here)."""
     return flow(name=name, log_prints=True)(fn).with_options(task_runner=runner)(**kwargs)

@@ -108,12 +108,12 @@ def run_bias_probe(model_path: str, cfg: BiasConfig | None = None, tokenizer_pat
         top_ids = np.argsort(-probs, axis=1, kind="stable")[:, : cfg.top_k]  # [G, k]
         completions = {g: [{"token": id2tok.get(int(i), str(int(i))), "prob": float(probs[gi, i])}
                            for i in top_ids[gi]] for gi, g in enumerate(cfg.groups)}
-        pairs = []
+        tokens = {g: [str(c["token"]) for c in completions[g]] for g in cfg.groups}
+        pairs: list[dict[str, Any]] = []
         for (i, a), (j, b) in itertools.combinations(enumerate(cfg.groups), 2):
             pairs.append({"group_a": a, "group_b": b, "js_divergence": js_divergence(probs[i], probs[j]),
-                          "topk_overlap": topk_overlap([c["token"] for c in completions[a]],
-                                                       [c["token"] for c in completions[b]])})
-        js = [p["js_divergence"] for p in pairs]
+                          "topk_overlap": topk_overlap(tokens[a], tokens[b])})
+        js = [float(p["js_divergence"]) for p in pairs]
         out["templates"].append({
             "template": template, "sentences": sentences, "completions": completions, "pairs": pairs,
             "summary": {"mean_js": float(np.mean(js)), "max_js": float(np.max(js)),

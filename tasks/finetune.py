@@ -76,7 +76,7 @@ class FinetuneConfig(Config):
 
 
 # GLUE / SQuAD recipes differ in sequence length and learning rate (BERT's run_squad: 384/128, 3e-5).
-SQUAD_DEFAULTS = {"max_seq_len": 384, "learning_rate": 3e-5, "batch_size": 12, "epochs": 2.0,
+SQUAD_DEFAULTS: dict[str, Any] = {"max_seq_len": 384, "learning_rate": 3e-5, "batch_size": 12, "epochs": 2.0,
                   "eval_batch_size": 64}
 
 
@@ -119,7 +119,8 @@ def load_tokenizer(model_path: str, tokenizer_path: str | None = None):
 
 def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, total_steps: int):
     # No weight decay on biases and LayerNorm weights (BERT's recipe).
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

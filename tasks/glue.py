@@ -108,8 +108,10 @@ TASKS: dict[str, GlueTask] = {
     ]
 }
 
+# (first, second) text columns by layout; single-sentence tasks use "sentence" (SST-2, CoLA with header)
+PAIR_COLUMNS = (("sentence1", "sentence2"), ("#1 String", "#2 String"), ("question1", "question2"),
+                ("question", "sentence"))  # the last one is QNLI
 TEXT_A = ("sentence", "sentence1", "#1 String", "question", "question1")
-TEXT_B = ("sentence2", "#2 String", "question2")
 LABEL = ("label", "Quality", "score", "gold_label", "is_duplicate")
 
 Layout = Literal["auto", "glue_tsv", "cola_raw", "sst_binary", "stsb_raw"]
@@ -160,8 +162,7 @@ def read_glue_file(url: str, task: str | GlueTask, layout: Layout = "auto", limi
 
     if data.layout == "glue_tsv":
         header = first[1].split("\t")
-        col_a = _find(header, TEXT_A)
-        col_b = _find(header, TEXT_B) if t.pair else None
+        col_a, col_b = _text_columns(header, t.pair)
         col_y = _find(header, LABEL)
         missing = [n for n, c in (("text", col_a), ("label", col_y)) if c is None]
         if t.pair and col_b is None:
@@ -169,6 +170,7 @@ def read_glue_file(url: str, task: str | GlueTask, layout: Layout = "auto", limi
         if missing:
             data.bad.append(BadRecord(url, 1, "missing_column", f"no {missing} column in header {header}"))
             return data
+        assert col_a is not None and col_y is not None  # checked above
         body = lines  # the header is consumed
         parse = _glue_tsv_parser(len(header), col_a, col_b, col_y)
     elif data.layout == "cola_raw":
@@ -227,6 +229,15 @@ def _lines(url: str):
 class _Bad:
     reason: str
     detail: str
+
+
+def _text_columns(header: list[str], pair: bool) -> tuple[int | None, int | None]:
+    if pair:
+        for a, b in PAIR_COLUMNS:
+            if a in header and b in header:
+                return header.index(a), header.index(b)
+        return _find(header, TEXT_A), None
+    return _find(header, TEXT_A), None
 
 
 def _find(header: list[str], names: tuple[str, ...]) -> int | None:

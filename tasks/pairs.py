@@ -103,13 +103,18 @@ def encode_sentences(tok, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]
     backend.no_truncation()
     backend.no_padding()
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    ids_lists: list[list[int]] = []
+    chunks: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
     for i in range(0, len(sentences), ENCODE_BATCH):
-        ids_lists.extend(e.ids for e in encode(sentences[i: i + ENCODE_BATCH], add_special_tokens=False))
-    lengths = np.fromiter((len(x) for x in ids_lists), dtype=np.int64, count=len(ids_lists))
-    offsets = np.zeros(len(ids_lists) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    flat = np.fromiter(itertools.chain.from_iterable(ids_lists), dtype=np.int32, count=int(offsets[-1]))
+        # per batch straight to numpy: a part's ids never exist as one big list of Python ints
+        ids = [e.ids for e in encode(sentences[i: i + ENCODE_BATCH], add_special_tokens=False)]
+        lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+        chunks.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lens.sum())))
+        lengths.append(lens)
+    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
+    offsets = np.zeros(len(all_lengths) + 1, dtype=np.int64)
+    np.cumsum(all_lengths, out=offsets[1:])
+    flat = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int32)
     return flat, offsets
 
 

@@ -169,7 +169,7 @@ def _iter_jsonl(f: IO[bytes], url: str, text_field: str, max_line_bytes: int,
 def _iter_csv(f: IO[bytes], url: str, text_field: str, keep_fields: tuple[str, ...]) -> Iterator[Record | BadRecord]:
     base, _ = split_compression(url)
     delimiter = "\t" if base.endswith(".tsv") else ","
-    text_io = codecs.getreader("utf-8")(f, errors="strict")
+    text_io = codecs.getreader("utf-8")(f, "strict")
     reader = csv.DictReader(_strip_bom(text_io), delimiter=delimiter)
     row_no = 1  # the header is line 1
     try:

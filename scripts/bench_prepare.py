@@ -1,0 +1,142 @@
+"""Benchmark the prepare job: throughput vs raw `tokenizers`, worker scaling, peak memory.
+
+    python scripts/bench_prepare.py --size-mb 64 --workers 1 2          # throughput + scaling
+    python scripts/bench_prepare.py --size-mb 1024 --workers 2 --rss    # bounded memory on 1 GB
+
+The corpus is generated from the shared Gutenberg books (paragraphs shuffled with a fixed seed, written as
+several files). In the same run we measure the baseline -- ``Tokenizer.encode_batch`` on the same
+documents, one thread -- and ``distilflow prepare`` (shard + pairs + mask, seq 128) per worker count, and
+print the ratios. ``--rss`` samples the resident memory of the whole process tree (CLI, Prefect server,
+workers) every 0.2 s and reports the peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def make_corpus(out: Path, size_mb: int, n_files: int, seed: int = 0) -> list[str]:
+    """Shuffled Gutenberg paragraphs (blank-line separated documents) until ``size_mb`` MB."""
+    paras: list[str] = []
+    for book in sorted((SHARED / "corpus" / "gutenberg").glob("pg*.txt")):
+        text = book.read_text(encoding="utf-8")
+        paras += [p.strip() for p in re.split(r"\r?\n\s*\r?\n", text) if p.strip()]
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = out / f".done-{size_mb}-{n_files}"
+    files = [out / f"corpus-{i:03d}.txt" for i in range(n_files)]
+    if stamp.exists():
+        return [str(f) for f in files]
+    rng = np.random.default_rng(seed)
+    per_file = size_mb * 1_000_000 // n_files
+    for f in files:
+        written = 0
+        with open(f, "w", encoding="utf-8") as fh:
+            while written < per_file:
+                chunk = "\n\n".join(paras[i] for i in rng.permutation(len(paras))[:2000]) + "\n\n"
+                fh.write(chunk)
+                written += len(chunk.encode())
+    stamp.write_text("ok")
+    return [str(f) for f in files]
+
+
+def baseline_encode(files: list[str], tokenizer: str) -> tuple[float, int]:
+    """Raw tokenizers throughput (MB/s) on the same documents, one thread; returns (MB/s, bytes)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(tokenizer, "tokenizer.json"))
+    total_bytes, total_s = 0, 0.0
+    for f in files:
+        text = Path(f).read_text(encoding="utf-8")
+        docs = [re.sub(r"\s+", " ", d).strip() for d in text.split("\n\n") if d.strip()]
+        t = time.perf_counter()
+        for i in range(0, len(docs), 1000):
+            tok.encode_batch(docs[i: i + 1000], add_special_tokens=False)
+        total_s += time.perf_counter() - t
+        total_bytes += len(text.encode())
+    return total_bytes / total_s / 1e6, total_bytes
+
+
+def run_prepare(inputs: list[str], out: Path, workers: int, tokenizer: str, rss: bool) -> dict:
+    cmd = [sys.executable, "-m", "distilflow.cli", "prepare", "--input", *inputs, "--output", str(out),
+           "--tokenizer", tokenizer, "--max-seq-len", "128", "--workers", str(workers), "--overwrite"]
+    env = {**os.environ, "DISTILFLOW_PROGRESS": "0", "TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak = [0]
+
+    def sample() -> None:
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                procs = [root, *root.children(recursive=True)]
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in procs if p.is_running()))
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    th = threading.Thread(target=sample, daemon=True)
+    if rss:
+        th.start()
+    output = proc.communicate()[0]
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"prepare failed:\n{output[-4000:]}")
+    m = re.search(r"prepared ([\d.]+) MB .* in ([\d.]+) s", output)
+    flow_s = float(m.group(2)) if m else wall
+    return {"workers": workers, "flow_seconds": flow_s, "wall_seconds": wall, "peak_rss_gib": peak[0] / 2**30}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=int, default=64)
+    ap.add_argument("--files", type=int, default=8)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--rss", action="store_true", help="sample peak RSS of the process tree")
+    ap.add_argument("--skip-baseline", action="store_true", help="memory runs: skip the encode_batch baseline")
+    ap.add_argument("--workdir", default=str(REPO / "bench-out"))
+    ap.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "bert-base-uncased"))
+    a = ap.parse_args()
+    work = Path(a.workdir)
+    files = make_corpus(work / f"corpus-{a.size_mb}mb", a.size_mb, a.files)
+    results = {"size_mb": a.size_mb, "files": a.files, "cpus": os.cpu_count()}
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    if a.skip_baseline:
+        base_mbs, nbytes = float("nan"), sum(os.path.getsize(f) for f in files)
+    else:
+        base_mbs, nbytes = baseline_encode(files, a.tokenizer)
+        print(f"baseline: tokenizers encode_batch, 1 thread: {base_mbs:.2f} MB/s on {nbytes / 1e6:.0f} MB", flush=True)
+    results["baseline_encode_batch_mb_s_1_thread"] = round(base_mbs, 3)
+    runs = []
+    for w in a.workers:
+        r = run_prepare(files, work / f"prep-{a.size_mb}mb-w{w}", w, a.tokenizer, a.rss)
+        r["mb_s"] = nbytes / 1e6 / r["flow_seconds"]
+        r["mb_s_per_worker"] = r["mb_s"] / w
+        r["ratio_per_core_vs_encode_batch"] = r["mb_s_per_worker"] / base_mbs
+        runs.append(r)
+        print(f"prepare --workers {w}: {r['mb_s']:.2f} MB/s ({r['flow_seconds']:.1f} s in the flow, "
+              f"{r['wall_seconds']:.1f} s wall incl. Prefect start); per core / encode_batch = "
+              f"{r['ratio_per_core_vs_encode_batch']:.2f}" + (f"; peak RSS {r['peak_rss_gib']:.2f} GiB" if a.rss else ""),
+              flush=True)
+    if len(runs) > 1:
+        results["speedup"] = runs[-1]["mb_s"] / runs[0]["mb_s"]
+        print(f"speed-up {runs[0]['workers']} -> {runs[-1]['workers']} workers: {results['speedup']:.2f}x")
+    results["runs"] = runs
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
