@@ -34,6 +34,7 @@ from typing import IO, Any, Protocol, TypeVar
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from distilflow.tasks.io import (
     PARQUET_WRITE_OPTS,
     atomic_open,

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import pyarrow as pa
 import torch
+
 from distilflow.tasks.batch_io import ErrorRow, InputRow, WindowResult, length_sorted_batches
 from distilflow.tasks.config import Config, require
 from distilflow.tasks.fill_mask import resolve_device
@@ -72,7 +73,8 @@ class Embedder:
         limit = int(getattr(self.model.config, "max_position_embeddings", 512) or 512)
         limit = min(limit, int(self.tokenizer.model_max_length or limit))
         self.max_length = min(cfg.max_length, limit) if cfg.max_length else limit
-        self.dim = int(getattr(self.model.config, "hidden_size", 0) or self.model.config.dim)
+        mcfg: Any = self.model.config
+        self.dim = int(getattr(mcfg, "hidden_size", 0) or mcfg.dim)
         self.bf16 = self.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
 
     def schema(self) -> pa.Schema:

@@ -3,8 +3,10 @@
 Why it is faster than the pipeline on the same model:
 
 * rows are tokenized a window at a time and run in **length-sorted** batches (little padding);
-* the encoder runs once per batch and the **MLM head is applied only at the mask positions**
-  (hidden ``(B, L, H)`` -> gather ``(M, H)`` -> head -> logits ``(M, V)``) instead of ``(B, L, V)``;
+* all layers but the last run over every token; the **last layer's queries, output projection and FFN,
+  and the MLM head run only at the mask positions** (hidden ``(B, L, H)`` -> ``(M, H)`` -> logits
+  ``(M, V)``, instead of ``(B, L, V)``): the other positions' final states are never used
+  (BERT / DistilBERT; other architectures run the full model and gather the mask logits);
 * ``torch.inference_mode``; on CUDA bf16 autocast and SDPA attention;
 * opt-in ``quantize="int8"``: dynamic int8 Linear layers on CPU (``torch.ao.quantization``), with the
   top-1 agreement against the float model measured on the first window and reported.
@@ -122,18 +124,80 @@ def pipeline_target_ids(tokenizer: Any, targets: Sequence[str]) -> np.ndarray:
     return np.array(ids)
 
 
-def _split_mlm(model: nn.Module) -> tuple[Callable[..., torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None:
-    """(encoder, head) for the MLM architectures we know; None -> run the full model (slower)."""
+# encoder(input_ids, attention_mask, is_mask) -> (M, H) final hidden states at the masks; head: (M, H) -> (M, V)
+Encoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Head = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _without_last_layer(base: nn.Module, container: str) -> nn.Module:
+    """A view of ``base`` whose ``<container>.layer`` list lacks the last layer (weights are shared)."""
+    trunk = copy.copy(base)
+    trunk._modules = dict(base._modules)
+    inner = copy.copy(getattr(base, container))
+    inner._modules = dict(inner._modules)
+    inner._modules["layer"] = nn.ModuleList(list(getattr(base, container).layer)[:-1])
+    trunk._modules[container] = inner
+    return trunk
+
+
+def _last_layer_at_masks(q_lin: nn.Module, k_lin: nn.Module, v_lin: nn.Module, n_heads: int,
+                         h: torch.Tensor, attention_mask: torch.Tensor, is_mask: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-attention of the last layer with queries only at the masks.
+
+    h: (B, L, H) input of the last layer; returns (context (M, H), residual input (M, H)).
+    Keys/values still cover every token; everything after attention is per-position, so the rest of
+    the layer (output projection, FFN, layer norms) then runs on M rows instead of B * L.
+    """
+    B, L, H = h.shape
+    dh = H // n_heads
+    rows = is_mask.nonzero()[:, 0]  # (M,) batch row of each mask, in h[is_mask] order
+    x = h[is_mask]  # (M, H)
+    M = x.shape[0]
+    k = k_lin(h).view(B, L, n_heads, dh).transpose(1, 2)[rows]  # (M, nh, L, dh)
+    v = v_lin(h).view(B, L, n_heads, dh).transpose(1, 2)[rows]  # (M, nh, L, dh)
+    q = q_lin(x).view(M, n_heads, 1, dh)  # (M, nh, 1, dh)
+    keep = attention_mask[rows].bool()[:, None, None, :]  # (M, 1, 1, L): padding is not attended
+    ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # scale 1/sqrt(dh)
+    return ctx.reshape(M, H), x
+
+
+def _split_mlm(model: Any) -> tuple[Encoder, Head] | None:
+    """(encoder, head) for the MLM architectures we know; None -> run the full model (slower).
+
+    The encoder runs all layers but the last over every token, then the last layer and the MLM head
+    only at the mask positions: the outputs are the same as the full model's at those positions.
+    """
     name = type(model).__name__
     if name == "DistilBertForMaskedLM":
-        def dhead(h: torch.Tensor) -> torch.Tensor:
+        base = model.distilbert
+        trunk, last = _without_last_layer(base, "transformer"), base.transformer.layer[-1]
+
+        def d_encoder(input_ids: torch.Tensor, attention_mask: torch.Tensor, is_mask: torch.Tensor) -> torch.Tensor:
+            h = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+            a = last.attention
+            ctx, x = _last_layer_at_masks(a.q_lin, a.k_lin, a.v_lin, a.n_heads, h, attention_mask, is_mask)
+            y = last.sa_layer_norm(a.out_lin(ctx) + x)
+            return last.output_layer_norm(last.ffn(y) + y)  # (M, H)
+
+        def d_head(h: torch.Tensor) -> torch.Tensor:
             h = model.vocab_layer_norm(model.activation(model.vocab_transform(h)))
             return model.vocab_projector(h)
-        return (lambda **kw: model.distilbert(**kw).last_hidden_state), dhead
-    if name in ("BertForMaskedLM",):
-        return (lambda **kw: model.bert(**kw).last_hidden_state), model.cls
-    if name in ("RobertaForMaskedLM", "XLMRobertaForMaskedLM", "CamembertForMaskedLM"):
-        return (lambda **kw: model.roberta(**kw).last_hidden_state), model.lm_head
+
+        return d_encoder, d_head
+    if name == "BertForMaskedLM" and not model.config.is_decoder:
+        base = model.bert
+        trunk, last = _without_last_layer(base, "encoder"), base.encoder.layer[-1]
+
+        def b_encoder(input_ids: torch.Tensor, attention_mask: torch.Tensor, is_mask: torch.Tensor) -> torch.Tensor:
+            h = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+            sa = last.attention.self
+            ctx, x = _last_layer_at_masks(sa.query, sa.key, sa.value, sa.num_attention_heads, h,
+                                          attention_mask, is_mask)
+            y = last.attention.output.LayerNorm(last.attention.output.dense(ctx) + x)
+            return last.output.LayerNorm(last.output.dense(last.intermediate(y)) + y)  # (M, H)
+
+        return b_encoder, model.cls
     return None
 
 
@@ -243,7 +307,7 @@ class FillMasker:
     def mask_logits(self, batch: list[list[int]], quantized: bool = False) -> tuple[torch.Tensor, list[list[int]]]:
         """Logits ``(M, V)`` float32 at every mask of the batch, and mask positions per row."""
         tok = self.tokenizer
-        model = self.quant_model if quantized else self.model
+        model: Any = self.quant_model if quantized else self.model
         parts = self.quant_parts if quantized else self.parts
         dev = torch.device("cpu") if quantized else self.device
         longest = max(len(x) for x in batch)
@@ -259,8 +323,7 @@ class FillMasker:
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             if parts is not None:
                 encoder, head = parts
-                hidden = encoder(input_ids=ids, attention_mask=att)  # (B, L, H)
-                logits = head(hidden[is_mask])  # (M, H) -> (M, V): the projection only where needed
+                logits = head(encoder(ids, att, is_mask))  # (M, H) -> (M, V): only where needed
             else:
                 logits = model(input_ids=ids, attention_mask=att).logits[is_mask]  # (M, V)
         return logits.float(), positions
@@ -278,11 +341,11 @@ class FillMasker:
             values, preds = probs.topk(self.top_k)  # (M, k)
             if targets is not None:
                 preds = targets.to(preds.device)[preds]
-            values, preds = values.cpu().numpy(), preds.cpu().numpy()
+            scores_np, tokens_np = values.cpu().numpy(), preds.cpu().numpy()
             m = 0
             for row, pos in zip(b, positions, strict=True):
                 for _ in pos:
-                    out[row].append((values[m], preds[m]))
+                    out[row].append((scores_np[m], tokens_np[m]))
                     m += 1
         return out
 

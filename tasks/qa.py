@@ -24,10 +24,11 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import torch
+from transformers.pipelines.document_question_answering import select_starts_ends
+
 from distilflow.tasks.batch_io import ErrorRow, InputRow, WindowResult, length_sorted_batches
 from distilflow.tasks.config import Config, require
 from distilflow.tasks.fill_mask import resolve_device
-from transformers.pipelines.document_question_answering import select_starts_ends
 
 QA_SCHEMA = pa.schema([
     pa.field("row_id", pa.int64(), nullable=False),

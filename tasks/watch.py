@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from distilflow.tasks.io import exists, read_json, write_json
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+from distilflow.tasks.io import exists, read_json, write_json
 
 log = logging.getLogger(__name__)
 
