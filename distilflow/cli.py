@@ -13,6 +13,7 @@ import sys
 
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES = [
+    "distilflow.flows.pipeline",
     "distilflow.flows.prepare",
     "distilflow.flows.ops",
     "distilflow.flows.inference",

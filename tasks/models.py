@@ -123,7 +123,7 @@ def student_state_from_teacher(teacher_sd: dict[str, torch.Tensor], layers: tupl
 def init_student_from_teacher(teacher: PreTrainedModel, layers: tuple[int, ...] | None = None
                               ) -> DistilBertForMaskedLM:
     """A DistilBertForMaskedLM whose weights are copied from ``teacher`` (a BERT model)."""
-    tcfg = teacher.config
+    tcfg: Any = teacher.config
     if getattr(tcfg, "model_type", None) != "bert":
         raise ValueError(f"student init needs a BERT teacher, got model_type {tcfg.model_type!r}")
     layers = tuple(layers) if layers is not None else default_student_layers(tcfg.num_hidden_layers)

@@ -73,6 +73,7 @@ from distilflow.tasks.train_data import (
 # Fields that may change between a run and its --resume (they do not change the numbers).
 RESUME_FREE = ("resume", "log_every", "save_every", "keep_checkpoints", "eval_every", "eval_data",
                "eval_sequences", "tensorboard", "threads", "compile", "peak_tflops")
+EVAL_BATCH = 64  # sequences per held-out evaluation batch
 # DistilBERT's settings where they differ from the TrainConfig defaults (CLI and distill_flow use them).
 DISTILL_DEFAULTS: dict[str, Any] = {"lr": 5e-4, "mlm_smoothing": 0.7, "max_grad_norm": 5.0}
 # Dense bf16 peak FLOP/s by GPU name (for MFU); --peak-tflops overrides.
@@ -225,7 +226,7 @@ class PretrainObjective(nn.Module):
         return mlm + nsp, {"loss_mlm": mlm.detach(), "loss_nsp": nsp.detach(), "mlm_acc": acc.detach()}
 
 
-def student_head(student: nn.Module, h: torch.Tensor) -> torch.Tensor:
+def student_head(student: Any, h: torch.Tensor) -> torch.Tensor:
     """DistilBertForMaskedLM's MLM head on hidden states [N, H] -> logits [N, V]."""
     return student.vocab_projector(student.vocab_layer_norm(student.activation(student.vocab_transform(h))))
 
@@ -250,7 +251,7 @@ class DistillObjective(nn.Module):
 
 
 @torch.no_grad()
-def teacher_outputs(teacher: PreTrainedModel, batch: dict[str, torch.Tensor], sel: torch.Tensor
+def teacher_outputs(teacher: Any, batch: dict[str, torch.Tensor], sel: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher logits on the KL rows [N, V] and last hidden states of real tokens [M, H]."""
     h = teacher.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -260,7 +261,7 @@ def teacher_outputs(teacher: PreTrainedModel, batch: dict[str, torch.Tensor], se
 
 # -- evaluation ----------------------------------------------------------------------------------------
 @torch.no_grad()
-def mlm_logits(model: nn.Module, batch: dict[str, torch.Tensor], sel: torch.Tensor) -> torch.Tensor:
+def mlm_logits(model: Any, batch: dict[str, torch.Tensor], sel: torch.Tensor) -> torch.Tensor:
     """MLM logits at positions ``sel`` for a BERT (ForPreTraining/ForMaskedLM) or DistilBERT model."""
     if hasattr(model, "distilbert"):
         h = model.distilbert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
@@ -384,7 +385,8 @@ def load_teacher(name: str, device: torch.device) -> PreTrainedModel:
         raise ConfigError(f"TrainConfig.teacher: {name} is a {cfg.model_type!r} model; a BERT teacher is needed")
     teacher = BertForMaskedLM.from_pretrained(name)  # a BertForPreTraining checkpoint loads too (no NSP head)
     teacher.eval().requires_grad_(False)
-    return teacher.to(device)
+    teacher.to(device)  # type: ignore[arg-type]  # (transformers' typing of .to)
+    return teacher
 
 
 def _rewrite_metrics(path: str, keep_until: int) -> None:
@@ -432,9 +434,14 @@ def train(cfg: TrainConfig, on_log: Callable[[dict[str, Any]], None] | None = No
     # data ------------------------------------------------------------------------------------------
     tokenizer = AutoTokenizer.from_pretrained(join(cfg.data, "tokenizer"))
     source = resolve_source(cfg.data, cfg.mask_source)
-    teacher = load_teacher(cfg.teacher, d.device) if cfg.mode == "distill" else None
+    teacher: Any = load_teacher(cfg.teacher, d.device) if cfg.mode == "distill" else None
+    model_cfg: Any
     if teacher is not None:
         model_cfg = teacher.config
+        if model_cfg.vocab_size < len(tokenizer):
+            raise ConfigError(f"TrainConfig.teacher: {cfg.teacher} has vocab_size {model_cfg.vocab_size} but the "
+                              f"data's tokenizer has {len(tokenizer)} tokens; prepare the data with the "
+                              "teacher's tokenizer")
     else:
         model_cfg = teacher_config(cfg.model, len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                    dropout=cfg.dropout)
@@ -456,12 +463,13 @@ def train(cfg: TrainConfig, on_log: Callable[[dict[str, Any]], None] | None = No
         eval_src = "pairs" if resolve_source(cfg.eval_data, cfg.mask_source) == "dynamic" else "masked"
         ev = load_examples(cfg.eval_data, eval_src, max_len)
         # uniform masks (no smoothing) so that held-out accuracy is comparable between runs
+        # fixed batch size: the eval masks are drawn per batch, so they must not depend on --batch-size
         eval_set = eval_batches(ev, Collator(ev, tokenizer.pad_token_id, vocab, mask_cfg, None),
-                                cfg.batch_size, cfg.seed, cfg.eval_sequences)
+                                EVAL_BATCH, cfg.seed, cfg.eval_sequences)
 
     # model, optimizer, schedule ---------------------------------------------------------------------
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model: PreTrainedModel
+    model: Any  # BertForPreTraining or DistilBertForMaskedLM
     if teacher is not None:
         layers = cfg.student_layers or default_student_layers(teacher.config.num_hidden_layers)
         check_student_layers(layers, teacher.config.num_hidden_layers)
@@ -484,7 +492,7 @@ def train(cfg: TrainConfig, on_log: Callable[[dict[str, Any]], None] | None = No
         (model.distilbert if teacher is not None else model.bert).compile()
         if teacher is not None:
             teacher.bert.compile()
-    ddp = nn.parallel.DistributedDataParallel(objective, device_ids=[d.device] if cuda else None) \
+    ddp: Any = nn.parallel.DistributedDataParallel(objective, device_ids=[d.device] if cuda else None) \
         if d.world > 1 else objective
 
     metrics_path = os.path.join(out, "metrics.jsonl")
