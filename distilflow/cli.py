@@ -20,6 +20,15 @@ COMMAND_MODULES = [
     "distilflow.flows.evaluate",
     "distilflow.flows.train",
 ]
+# sub-command -> the module that registers it (kept in step with COMMAND_MODULES by tests/test_cli.py)
+COMMANDS = {
+    "pipeline": "distilflow.flows.pipeline",
+    **dict.fromkeys(["prepare", "shard", "pairs", "mask"], "distilflow.flows.prepare"),
+    **dict.fromkeys(["server", "doctor"], "distilflow.flows.ops"),
+    **dict.fromkeys(["fill-mask", "qa", "embed", "watch"], "distilflow.flows.inference"),
+    "evaluate": "distilflow.flows.evaluate",
+    **dict.fromkeys(["pretrain", "distill"], "distilflow.flows.train"),
+}
 
 
 def _quiet_prefect_defaults() -> None:
@@ -30,7 +39,16 @@ def _quiet_prefect_defaults() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _module_for(argv: list[str]) -> str | None:
+    """The one module that defines the sub-command in ``argv`` (None: top-level help or unknown).
+
+    Only that module is imported, so ``distilflow prepare`` does not load torch for the training and
+    inference commands (~270 MB per process)."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return COMMANDS.get(first) if first else None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="distilflow",
         description="Corpus -> BERT pretraining data -> teacher -> distilled student -> evaluation / batch "
@@ -39,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name in COMMAND_MODULES:
+    only = _module_for(argv) if argv is not None else None
+    for name in [only] if only else COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
@@ -52,7 +71,8 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     _quiet_prefect_defaults()
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

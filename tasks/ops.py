@@ -130,6 +130,8 @@ def probe_storage(url: str) -> dict[str, Any]:
         raise io.InputError(f"{url}: cannot write (permission denied: {e}); check credentials/ACLs") from e
     except FileNotFoundError as e:
         raise io.InputError(f"{url}: cannot write ({e}); does the bucket/folder exist?") from e
+    except OSError as e:  # read-only mount, a file where a folder should be, endpoint unreachable ...
+        raise io.InputError(f"{url}: cannot write ({e})") from e
     t1 = time.perf_counter()
     back = io.read_bytes(key)
     t2 = time.perf_counter()

@@ -57,6 +57,8 @@ class PrefectServer:
     log: Path
     env: dict[str, str]
     children: list[subprocess.Popen] = field(default_factory=list)
+    cmd: list[str] = field(default_factory=list)  # how the server was started (for restart())
+    server_env: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -107,6 +109,18 @@ class PrefectServer:
 
         return SyncPrefectClient(self.api_url)
 
+    def restart(self, down_seconds: float = 0.0, timeout: float = 120) -> None:
+        """Stop the server process only (workers and flow runs keep going), then start it again on the
+        same port, home and database."""
+        import time
+
+        stop_process(self.proc)
+        time.sleep(down_seconds)
+        with open(self.log, "ab") as fh:
+            self.proc = subprocess.Popen(self.cmd, env={**self.env, **self.server_env}, stdout=fh,
+                                         stderr=subprocess.STDOUT, start_new_session=True, cwd=self.home)
+        wait_http_ok(f"{self.api_url}/health", timeout, self.proc, self.log)
+
     def stop(self) -> None:
         for child in reversed(self.children):
             stop_process(child)
@@ -138,7 +152,7 @@ def start_prefect_server(tmp: Path, database_url: str | None = None, ui: bool = 
     with open(log, "ab") as fh:
         proc = subprocess.Popen(cmd, env={**env, **server_env}, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=home)
-    server = PrefectServer(home=home, port=port, proc=proc, log=log, env=env)
+    server = PrefectServer(home=home, port=port, proc=proc, log=log, env=env, cmd=cmd, server_env=server_env)
     try:
         wait_http_ok(f"{api_url}/health", timeout, proc, log)
     except BaseException:

@@ -1,0 +1,57 @@
+"""The one-command pipeline: embedded demo corpus, stage skipping, and (slow) the whole run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prefect import flow
+
+from distilflow.flows.pipeline import run_stage
+from distilflow.tasks.demo_corpus import demo_documents, write_demo_corpus
+
+
+def test_demo_corpus_is_deterministic_and_split(tmp_path):
+    assert demo_documents(seed=0) == demo_documents(seed=0)
+    train, held = write_demo_corpus(str(tmp_path), seed=0)
+    train_docs = set()
+    for p in train:
+        train_docs.update(d for d in Path(p).read_text(encoding="utf-8").split("\n\n") if d.strip())
+    held_docs = [d for d in Path(held[0]).read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    assert len(held_docs) > 20 and len(train_docs) > 300
+    assert "Paris is the capital of France." in " ".join(train_docs)
+
+
+def test_run_stage_skips_a_finished_stage_and_reruns_a_changed_one(prefect_test_harness_session, tmp_path):
+    calls = []
+
+    def work(x):
+        calls.append(x)
+        return {"value": x * 2}
+
+    @flow
+    def parent(x: int) -> dict:
+        return run_stage(str(tmp_path), "double", {"x": x}, work, x)
+
+    assert parent(3)["value"] == 6 and calls == [3]
+    again = parent(3)
+    assert again["value"] == 6 and again["skipped"] is True and calls == [3]  # not run twice
+    assert parent(4)["value"] == 8 and calls == [3, 4]  # config changed: runs again
+    rec = json.loads((tmp_path / "_pipeline" / "double.json").read_text())
+    assert rec["config"] == {"x": 4} and rec["result"] == {"value": 8}
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_debug_preset(prefect_test_harness_session, tmp_path):
+    """The README's first command (minutes on 2 CPU cores)."""
+    from distilflow.flows.pipeline import pipeline_flow
+
+    r = pipeline_flow(str(tmp_path / "demo"))
+    stages = r["stages"]
+    assert set(stages) == {"vocab", "prepare", "prepare-heldout", "pretrain", "distill", "evaluate", "fill-mask"}
+    assert stages["fill-mask"]["rows"] > 50
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "Held-out masked LM" in report and "Batch fill-mask" in report
+    r2 = pipeline_flow(str(tmp_path / "demo"))  # rerun: every stage skipped
+    assert all(s["skipped"] for s in r2["stages"].values())
