@@ -81,6 +81,7 @@ def local_tokenizer(url: str) -> str:
 def save_tokenizer(src: str, output: str) -> str:
     """Copy the tokenizer into ``DIR/tokenizer`` (what the training job loads). Returns its URL."""
     dest = join(output, "tokenizer")
+    src = local_tokenizer(src)  # an s3:// tokenizer folder is fetched to a local cache first
     if exists(join(dest, "tokenizer.json")):
         if tokenizer_sha256(local_tokenizer(dest)) != tokenizer_sha256(src):
             raise ResumeError(f"{dest} holds a different tokenizer than {src}; use a new --output or --overwrite")
@@ -132,7 +133,7 @@ def _run_units(stage: StageDir, keys: list[str], submit, title: str) -> int:
 
 
 def run_shard_stage(inputs: list[str], output: str, format: str = "auto", text_field: str = "text",
-               one_sentence_per_line: bool = False, max_line_bytes: int = 1 << 20, part_bytes: int = 32 << 20,
+               one_sentence_per_line: bool = False, max_line_bytes: int = 1 << 20, part_bytes: int = 16 << 20,
                overwrite: bool = False) -> dict[str, Any]:
     """Input files -> ``output/corpus/part-*.parquet`` (doc_id, source, sentences) + manifest."""
     t0 = time.perf_counter()

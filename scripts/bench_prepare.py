@@ -77,13 +77,17 @@ def run_prepare(inputs: list[str], out: Path, workers: int, tokenizer: str, rss:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0]
+    per_process: dict[str, int] = {}
 
     def sample() -> None:
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
                 procs = [root, *root.children(recursive=True)]
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in procs if p.is_running()))
+                rss = {f"{p.pid} {_role(p)}": p.memory_info().rss for p in procs if p.is_running()}
+                peak[0] = max(peak[0], sum(rss.values()))
+                for k, v in rss.items():
+                    per_process[k] = max(per_process.get(k, 0), v)
             except psutil.Error:
                 pass
             time.sleep(0.2)
@@ -97,7 +101,17 @@ def run_prepare(inputs: list[str], out: Path, workers: int, tokenizer: str, rss:
         raise SystemExit(f"prepare failed:\n{output[-4000:]}")
     m = re.search(r"prepared ([\d.]+) MB .* in ([\d.]+) s", output)
     flow_s = float(m.group(2)) if m else wall
-    return {"workers": workers, "flow_seconds": flow_s, "wall_seconds": wall, "peak_rss_gib": peak[0] / 2**30}
+    return {"workers": workers, "flow_seconds": flow_s, "wall_seconds": wall, "peak_rss_gib": peak[0] / 2**30,
+            "peak_rss_mib_by_process": {k: round(v / 2**20) for k, v in sorted(per_process.items())}}
+
+
+def _role(p: psutil.Process) -> str:
+    cmd = " ".join(p.cmdline())
+    if "uvicorn" in cmd or "prefect.server" in cmd:
+        return "prefect-server"
+    if "spawn_main" in cmd or "multiprocessing" in cmd:
+        return "worker"
+    return "cli" if "distilflow" in cmd else p.name()
 
 
 def main() -> None:

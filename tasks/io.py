@@ -91,7 +91,15 @@ def split_compression(url: str) -> tuple[str, str | None]:
 def open_input(url: str) -> IO[bytes]:
     """Open a (possibly compressed) input for binary streaming reads."""
     _, comp = split_compression(url)
-    return fsspec.open(url, "rb", compression=comp).open()
+    f = fsspec.open(url, "rb", compression=comp).open()
+    if not isinstance(fs_of(url), LocalFileSystem) and comp is None:
+        # remote fsspec files (s3fs, gcsfs ...) do not take readline(size); buffer them like local files
+        return io.BufferedReader(f, buffer_size=1 << 20)  # type: ignore[arg-type]
+    return f
+
+
+def fs_of(url: str) -> fsspec.AbstractFileSystem:
+    return url_to_fs(url)[0]
 
 
 def file_size(url: str) -> int:
@@ -167,6 +175,12 @@ def write_json(url: str, obj: Any) -> None:
 
 def read_json(url: str) -> Any:
     return json.loads(read_bytes(url))
+
+
+def release_memory() -> None:
+    """Give memory freed by Arrow back to the OS after a unit of work (its allocator keeps it otherwise,
+    so a long-lived worker's RSS would grow to the largest unit it ever held, times fragmentation)."""
+    pa.default_memory_pool().release_unused()
 
 
 def write_parquet(table: pa.Table, url: str, row_group_size: int = 8192) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from distilflow.tasks.config import Config, require
-from distilflow.tasks.io import iter_parquet_batches, join, write_parquet
+from distilflow.tasks.io import iter_parquet_batches, join, release_memory, write_parquet
 from distilflow.tasks.masking import IGNORE_INDEX, MaskConfig, Vocab, mask_flat, smoothing_weights
 from distilflow.tasks.pairs import PAIRS_SCHEMA, load_tokenizer, read_token_counts
 from distilflow.tasks.rng import derive_rng
@@ -67,6 +67,7 @@ def mask_part(pairs_url: str, key: str, stage: StageDir, cfg: MaskStageConfig, t
     stats = {"files": [{"file": name, "rows": table.num_rows, "tokens": tokens}], "counts": dict(counts),
              "skipped": {}}
     stage.mark_done(key, stats)
+    release_memory()
     return stats
 
 

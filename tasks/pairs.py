@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 
 from distilflow.tasks.config import Config, require
-from distilflow.tasks.io import join, read_parquet, write_parquet
+from distilflow.tasks.io import join, read_parquet, release_memory, write_parquet
 from distilflow.tasks.rng import derive_rng
 from distilflow.tasks.stage import StageDir
 
@@ -73,15 +73,40 @@ class PairsConfig(Config):
 @lru_cache(maxsize=4)
 def load_tokenizer(path: str):
     """A transformers fast tokenizer (cached per process: each worker loads it once)."""
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, use_fast=True)
+    tok = _tokenizer_class(path).from_pretrained(path)
     if not tok.is_fast:
         raise ValueError(f"{path}: a fast tokenizer (tokenizer.json) is required")
     for name in ("cls_token_id", "sep_token_id", "mask_token_id", "pad_token_id"):
         if getattr(tok, name) is None:
             raise ValueError(f"{path}: tokenizer has no {name.removesuffix('_id')}; BERT data needs [CLS] [SEP] [MASK] [PAD]")
     return tok
+
+
+def _tokenizer_class(path: str):
+    """The tokenizer's own class when the folder names it (or is a BERT-family model), else AutoTokenizer.
+
+    ``AutoTokenizer`` imports torch (~270 MB per process); worker processes of the data stages only need
+    the tokenizer, so the class is looked up directly when the folder says what it is."""
+    import json
+    import os
+
+    import transformers
+
+    name = None
+    tc, mc = os.path.join(path, "tokenizer_config.json"), os.path.join(path, "config.json")
+    if os.path.isfile(tc):
+        with open(tc, encoding="utf-8") as f:
+            name = json.load(f).get("tokenizer_class")
+    if not name and os.path.isfile(mc):
+        with open(mc, encoding="utf-8") as f:
+            if json.load(f).get("model_type") in ("bert", "distilbert"):
+                name = "BertTokenizer"
+    if name:
+        for candidate in (name, name.removesuffix("Fast") + "Fast", name.removesuffix("Fast")):
+            cls = getattr(transformers, candidate, None)
+            if cls is not None:
+                return cls
+    return transformers.AutoTokenizer
 
 
 def tokenizer_sha256(path: str) -> str:
@@ -122,8 +147,8 @@ def encode_sentences(tok, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]
 class TokenizedPart:
     """One corpus part, tokenized: document d has sentences ``doc_sents[d]`` (indices into offsets)."""
 
-    def __init__(self, url: str, tok):
-        table = read_parquet(url, columns=["doc_id", "sentences"])
+    def __init__(self, source: str | pa.Table, tok):
+        table = read_parquet(source, columns=["doc_id", "sentences"]) if isinstance(source, str) else source
         self.doc_ids: list[str] = table.column("doc_id").to_pylist()
         sents = table.column("sentences").combine_chunks()
         doc_offsets = sents.offsets.to_numpy().astype(np.int64)
@@ -327,26 +352,61 @@ def _contiguous_segments(part: TokenizedPart, d: int, cfg: PairsConfig, rng: np.
         start = end
 
 
+CHUNK_DOCS = 8192
+
+
+def _doc_chunks(corpus_url: str):
+    """Row groups of a corpus part, grouped into chunks of >= CHUNK_DOCS documents (the last chunk
+    absorbs a small remainder so that no chunk holds a lone document when the part has more)."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    with fsspec.open(corpus_url, "rb") as f:
+        pf = pq.ParquetFile(f)
+        groups: list[list[int]] = [[]]
+        rows = 0
+        for g in range(pf.num_row_groups):
+            if rows >= CHUNK_DOCS:
+                groups.append([])
+                rows = 0
+            groups[-1].append(g)
+            rows += pf.metadata.row_group(g).num_rows
+        if len(groups) > 1 and rows < CHUNK_DOCS // 4:  # fold a short tail into the previous chunk
+            groups[-2].extend(groups.pop())
+        for gs in groups:
+            if gs:
+                yield pf.read_row_groups(gs, columns=["doc_id", "sentences"])
+
+
 # -- unit of work --------------------------------------------------------------------------------------
 def pairs_part(corpus_url: str, key: str, neighbour_url: str | None, stage: StageDir, cfg: PairsConfig,
                tokenizer_path: str) -> dict[str, Any]:
     """Tokenize one corpus part, build its instances, write ``pairs/<key>.parquet`` and its counts."""
     tok = load_tokenizer(tokenizer_path)
-    part = TokenizedPart(corpus_url, tok)
-    borrow = None
-    if cfg.nsp and sum(1 for s in part.doc_sents if s) < 2 and neighbour_url:
-        borrow = TokenizedPart(neighbour_url, tok)
     rng = derive_rng(cfg.seed, "pairs", key)
-    pairs, counts = make_pairs(part, cfg, rng, tok.cls_token_id, tok.sep_token_id, borrow)
-    counts["empty_sentences"] += part.empty_sentences
-    counts["sentences"] += len(part.offsets) - 1
-    counts["documents"] += len(part.doc_ids)
-    table = pairs.table()
+    counts: Counter[str] = Counter()
+    tables = []
+    # A part is processed in chunks of ~CHUNK_DOCS documents (whole Parquet row groups): memory stays
+    # a few tens of MB whatever the part size; random B documents come from the same chunk.
+    for chunk in _doc_chunks(corpus_url):
+        part = TokenizedPart(chunk, tok)
+        borrow = None
+        if cfg.nsp and sum(1 for s in part.doc_sents if s) < 2 and neighbour_url:
+            borrow = TokenizedPart(neighbour_url, tok)
+        pairs, c = make_pairs(part, cfg, rng, tok.cls_token_id, tok.sep_token_id, borrow)
+        counts.update(c)
+        counts["empty_sentences"] += part.empty_sentences
+        counts["sentences"] += len(part.offsets) - 1
+        counts["documents"] += len(part.doc_ids)
+        tables.append(pairs.table())
+        del pairs, part, borrow
+    table = pa.concat_tables(tables) if tables else PAIRS_SCHEMA.empty_table()
+    del tables
     name = f"{key}.parquet"
     write_parquet(table, join(stage.url, name))
-    n_tokens = int(sum(len(x) for x in pairs.ids))
     # Token frequencies (for frequency-smoothed masking), only non-zero entries.
-    flat = np.concatenate(pairs.ids) if pairs.ids else np.zeros(0, dtype=np.int32)
+    flat = table.column("input_ids").combine_chunks().values.to_numpy()
+    n_tokens = len(flat)
     bins = np.bincount(flat, minlength=len(tok))
     nz = np.flatnonzero(bins)
     counts_table = pa.Table.from_arrays([pa.array(nz.astype(np.int32)), pa.array(bins[nz].astype(np.int64))],
@@ -355,6 +415,7 @@ def pairs_part(corpus_url: str, key: str, neighbour_url: str | None, stage: Stag
     stats = {"files": [{"file": name, "rows": table.num_rows, "tokens": n_tokens}], "counts": dict(counts),
              "skipped": {}, "input": corpus_url.rsplit("/", 1)[-1]}
     stage.mark_done(key, stats)
+    release_memory()
     return stats
 
 

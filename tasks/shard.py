@@ -21,7 +21,7 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from distilflow.tasks.config import Config, require
-from distilflow.tasks.io import file_size, join, write_parquet
+from distilflow.tasks.io import file_size, join, release_memory, write_parquet
 from distilflow.tasks.readers import BadRecord, Record, detect_format, iter_records
 from distilflow.tasks.sentences import normalize_whitespace, split_sentences
 from distilflow.tasks.stage import StageDir
@@ -42,7 +42,7 @@ class ShardConfig(Config):
     one_sentence_per_line: bool = False  # Google's create_pretraining_data.py input layout
     max_line_bytes: int = 1 << 20  # longer lines are quarantined, never held in memory
     max_doc_bytes: int = 4 << 20  # a longer document is cut into several (counted)
-    part_bytes: int = 32 << 20  # text per output part: bounds memory of this and the next stage
+    part_bytes: int = 16 << 20  # text per output part: bounds memory of this and the next stage
 
     def check(self) -> None:
         n = type(self).__name__
@@ -171,4 +171,5 @@ def shard_file(unit: ShardUnit, stage: StageDir, cfg: ShardConfig) -> dict[str, 
     stats = {"files": files, "counts": dict(counts), "skipped": dict(skipped), "errors_file": errors_file,
              "input": unit.url}
     stage.mark_done(unit.key, stats)
+    release_memory()
     return stats

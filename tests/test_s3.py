@@ -70,13 +70,6 @@ def _landing_text(n: int = 40_000) -> bytes:
     return text[: text.rfind(b"\n") + 1]
 
 
-# Known gaps found by this test (not in the ops files): tasks/readers.py iter_lines calls
-# f.readline(size), which fsspec's remote files do not accept (TypeError; wrapping remote files in
-# io.BufferedReader in tasks/io.open_input fixes it), and flows/prepare.save_tokenizer loads an s3:// tokenizer
-# without local_tokenizer() (HFValidationError, a ValueError). With both patched the whole chain below passes.
-# strict: once they are fixed this XPASSes and fails, so the mark gets removed.
-@pytest.mark.xfail(strict=True, raises=(TypeError, ValueError),
-                   reason="remote readline(size) in tasks/readers.py and s3:// tokenizer in flows/prepare.py")
 def test_prepare_then_fill_mask_fully_on_s3(s3_env, prefect_test_harness_session, tmp_path,
                                             bert_tokenizer_path):
     from distilflow.flows.inference import fill_mask_flow
