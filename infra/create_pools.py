@@ -1,13 +1,16 @@
 """Create (or update) the distilflow work pools and `gpu` concurrency limits on a Prefect server.
 
-    PREFECT_API_URL=http://127.0.0.1:4200/api python infra/create_pools.py [--gpu-pool-type process]
+    PREFECT_API_URL=http://127.0.0.1:4200/api python infra/create_pools.py [--gpu-pool-type process|docker]
 
-Idempotent: rerun it after editing infra/k8s/gpu-job-template.json or to change the number of GPU slots.
+Idempotent: rerun it after editing infra/{k8s,docker}/gpu-job-template.json or to change the number of GPU
+slots.
 Needs only `prefect` (no distilflow), so it runs from an operator's laptop as well as from the images.
 
 * ``cpu``: a process pool (prepare, fill-mask, doctor).
 * ``gpu``: a Kubernetes pool whose base job template asks for ``nvidia.com/gpu`` on tainted GPU nodes, or
-  a process pool (``--gpu-pool-type process``) for one GPU machine running ``prefect worker start --pool gpu``.
+  a process pool (``--gpu-pool-type process``) for one GPU machine running ``prefect worker start --pool gpu``,
+  or a Docker pool (``--gpu-pool-type docker``, infra/docker/gpu-job-template.json): each run is a container
+  of the CUDA image with NVIDIA device requests (``docker run --gpus``); the worker needs ``prefect-docker``.
 * ``gpu`` global concurrency limit (code taking ``concurrency("gpu")``) and ``gpu`` task tag limit (tasks
   tagged ``gpu``), both with ``--gpu-slots`` slots, so two jobs never share one device.
 * automation ``distilflow-crash-zombie-runs``: a run whose heartbeats stop for ``--zombie-after`` seconds
@@ -24,16 +27,18 @@ import os
 import sys
 from pathlib import Path
 
-TEMPLATE = Path(__file__).resolve().parent / "k8s" / "gpu-job-template.json"
+TEMPLATES = {kind: Path(__file__).resolve().parent / kind.replace("kubernetes", "k8s") / "gpu-job-template.json"
+             for kind in ("kubernetes", "docker")}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--gpu-pool-type", choices=["kubernetes", "process"],
+    p.add_argument("--gpu-pool-type", choices=["kubernetes", "process", "docker"],
                    default=os.environ.get("GPU_POOL_TYPE", "kubernetes"),
                    help="type of the gpu pool (default: $GPU_POOL_TYPE or kubernetes)")
-    p.add_argument("--gpu-template", default=str(TEMPLATE),
-                   help="base job template of a kubernetes gpu pool (default: infra/k8s/gpu-job-template.json)")
+    p.add_argument("--gpu-template", default=None,
+                   help="base job template of a kubernetes or docker gpu pool (default: "
+                   "infra/k8s/gpu-job-template.json or infra/docker/gpu-job-template.json)")
     p.add_argument("--gpu-slots", type=int, default=int(os.environ.get("GPU_SLOTS", "1")),
                    help="GPU jobs that may run at once (default: $GPU_SLOTS or 1)")
     p.add_argument("--cpu-limit", type=int, default=int(os.environ["CPU_POOL_LIMIT"])
@@ -59,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     from prefect.exceptions import ObjectNotFound
 
-    template = json.loads(Path(args.gpu_template).read_text()) if args.gpu_pool_type == "kubernetes" else None
+    template = None
+    if args.gpu_pool_type in TEMPLATES:
+        template = json.loads(Path(args.gpu_template or TEMPLATES[args.gpu_pool_type]).read_text())
     with get_client(sync_client=True) as client:
         for name, kind, tmpl, limit in [("cpu", "process", None, args.cpu_limit),
                                         ("gpu", args.gpu_pool_type, template, None)]:

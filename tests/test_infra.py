@@ -20,6 +20,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "prefect.yaml"
 JOB_TEMPLATE = REPO / "infra" / "k8s" / "gpu-job-template.json"
+DOCKER_TEMPLATE = REPO / "infra" / "docker" / "gpu-job-template.json"
 COMPOSE = REPO / "infra" / "compose.yaml"
 DOCKERFILES = [REPO / "infra" / "Dockerfile.cpu", REPO / "infra" / "Dockerfile.cuda"]
 JOBS = {"nightly-prepare", "pretrain", "distill", "evaluate", "fill-mask", "qa", "embed", "pipeline"}
@@ -152,6 +153,97 @@ def test_gpu_job_template_is_valid_and_requests_gpus():
     pod2 = job2["spec"]["template"]["spec"]
     assert pod2["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
     assert pod2["nodeSelector"] == {"pool": "a100"}
+
+
+# ---------------------------------------------------------------------------------- docker job template
+
+
+def test_docker_gpu_job_template_is_valid_and_references_gpu_count():
+    from prefect.server.schemas.actions import WorkPoolCreate
+
+    template = json.loads(DOCKER_TEMPLATE.read_text())
+    props = template["variables"]["properties"]
+    config = template["job_configuration"]
+    used = _placeholders(config)
+    assert used <= set(props), f"job_configuration uses undeclared variables {used - set(props)}"
+    (request,) = config["container_create_kwargs"]["device_requests"]
+    assert request == {"Driver": "nvidia", "Count": "{{ gpu_count }}", "Capabilities": [["gpu"]]}
+    assert props["gpu_count"]["default"] == -1 and props["gpu_count"]["type"] == "integer"
+    assert props["image"]["default"] == "distilflow:cuda"  # the tag infra/Dockerfile.cuda documents
+    assert "distilflow:cuda" in DOCKERFILES[1].read_text()
+    # every field of the Docker worker's configuration is still wired to a variable (the template is
+    # Prefect's default plus ours, not a hand-written subset)
+    from prefect_docker.worker import DockerWorkerJobConfiguration
+
+    assert set(DockerWorkerJobConfiguration.model_fields) <= set(config)
+    WorkPoolCreate(name="gpu", type="docker", base_job_template=template)
+
+
+@pytest.mark.usefixtures("prefect_test_harness_session")
+def test_docker_gpu_job_template_renders_device_requests_for_docker_create():
+    """The worker's own path: template + job variables -> job configuration -> `docker create` arguments."""
+    import asyncio
+
+    from docker.models.containers import _create_container_args
+    from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration
+
+    template = json.loads(DOCKER_TEMPLATE.read_text())
+    # a remote API URL, so the worker does not ask a (non-existent) Docker engine for host.docker.internal
+    values = {"gpu_count": 1, "shm_size": "2g", "env": {"PREFECT_API_URL": "http://prefect:4200/api"}}
+    cfg = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(template, values))
+    assert cfg.image == "distilflow:cuda"
+    settings = DockerWorker(work_pool_name="gpu")._build_container_settings(None, cfg)
+    assert settings["device_requests"] == [{"Driver": "nvidia", "Count": 1, "Capabilities": [["gpu"]]}]
+    assert settings["image"] == "distilflow:cuda" and settings["shm_size"] == "2g"
+    # docker-py turns the kwargs of containers.create() into the API's HostConfig (no engine involved)
+    host = _create_container_args({**settings, "version": "1.43"})["host_config"]
+    (req,) = host["DeviceRequests"]
+    assert req["Driver"] == "nvidia" and req["Count"] == 1 and req["Capabilities"] == [["gpu"]]
+    assert host["ShmSize"] == 2 * 1024**3
+    # without job variables: all GPUs of the host (docker run --gpus all) and 8g of /dev/shm
+    cfg_all = asyncio.run(DockerWorkerJobConfiguration.from_template_and_values(template, {}))
+    assert cfg_all.container_create_kwargs["device_requests"][0]["Count"] == -1
+    assert cfg_all.container_create_kwargs["shm_size"] == "8g"
+
+
+def test_create_pools_makes_a_docker_gpu_pool(prefect_test_harness_session, monkeypatch):
+    import importlib.util
+
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    spec = importlib.util.spec_from_file_location("create_pools", REPO / "infra" / "create_pools.py")
+    create_pools = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(create_pools)
+    monkeypatch.setenv("PREFECT_API_URL", PREFECT_API_URL.value())
+
+    def _exists(read, *args) -> bool:
+        try:
+            read(*args)
+            return True
+        except ObjectNotFound:
+            return False
+
+    with get_client(sync_client=True) as client:
+        # the session server is shared: remove afterwards only what this test created
+        before = {"cpu": _exists(client.read_work_pool, "cpu"), "gpu": _exists(client.read_work_pool, "gpu"),
+                  "gcl": _exists(client.read_global_concurrency_limit_by_name, "gpu"),
+                  "tag": _exists(client.read_concurrency_limit_by_tag, "gpu")}
+        try:
+            assert create_pools.main(["--gpu-pool-type", "docker", "--zombie-after", "0"]) == 0
+            pool = client.read_work_pool("gpu")
+            assert pool.type == "docker"
+            assert pool.base_job_template == json.loads(DOCKER_TEMPLATE.read_text())
+            assert client.read_work_pool("cpu").type == "process"
+        finally:
+            for name in ("cpu", "gpu"):
+                if not before[name] and _exists(client.read_work_pool, name):
+                    client.delete_work_pool(name)
+            if not before["gcl"]:
+                client.delete_global_concurrency_limit_by_name("gpu")
+            if not before["tag"]:
+                client.delete_concurrency_limit_by_tag("gpu")
 
 
 # ---------------------------------------------------------------------------------------------- compose
