@@ -32,6 +32,15 @@ def make_task_runner(workers: int = 1, dask_address: str | None = None, dask_wor
     return ThreadPoolTaskRunner(max_workers=1)
 
 
+def run_in_subflow(fn: Any, name: str, runner: Any, **kwargs: Any) -> Any:
+    """Run ``fn`` as a sub-flow whose tasks use ``runner``. A flow's task runner is fixed when the flow
+    object is created, so a flow whose *parameters* choose workers / a Dask cluster (deployments) runs
+    its body through this."""
+    from prefect import flow
+
+    return flow(name=name, log_prints=True)(fn).with_options(task_runner=runner)(**kwargs)
+
+
 def wait_with_progress(futures: list[PrefectFuture], title: str, key: str | None = None) -> list[Any]:
     """Wait for all futures with a terminal progress bar and a Prefect progress artifact.
 

@@ -21,7 +21,13 @@ from prefect import flow, task
 from prefect.events import DeploymentEventTrigger
 from tqdm import tqdm
 
-from distilflow.flows.common import make_task_runner, markdown_table, publish, wait_with_progress
+from distilflow.flows.common import (
+    make_task_runner,
+    markdown_table,
+    publish,
+    run_in_subflow,
+    wait_with_progress,
+)
 from distilflow.tasks.batch_io import (
     BatchJob,
     open_output,
@@ -59,7 +65,16 @@ def infer_file(unit: tuple[str, str], job_name: str, cfg_dict: dict[str, Any], o
                         fmt=cfg.format, window_rows=cfg.window_rows, progress=bar.update)  # type: ignore[attr-defined]
 
 
-def _run(job_name: str, cfg: Config, inputs: str | list[str], output: str, overwrite: bool) -> dict[str, Any]:
+def _run(job_name: str, cfg: Config, inputs: str | list[str], output: str, overwrite: bool, workers: int = 1,
+         dask_address: str | None = None, dask_workers: int = 0) -> dict[str, Any]:
+    """Run the per-file tasks in worker processes or on Dask when the flow's parameters ask for it."""
+    if workers > 1 or dask_address or dask_workers:
+        return run_in_subflow(_run_files, f"{job_name}-files", make_task_runner(workers, dask_address, dask_workers),
+                              job_name=job_name, cfg=cfg, inputs=inputs, output=output, overwrite=overwrite)
+    return _run_files(job_name, cfg, inputs, output, overwrite)
+
+
+def _run_files(job_name: str, cfg: Config, inputs: str | list[str], output: str, overwrite: bool) -> dict[str, Any]:
     """The body shared by the three flows: expand inputs, one task per file, manifest, artifact."""
     urls = expand_inputs([inputs] if isinstance(inputs, str) else list(inputs))
     stage = open_output(output, job_name, cfg.to_dict(), cfg.output_fingerprint(), overwrite)  # type: ignore[attr-defined]
@@ -105,13 +120,16 @@ def fill_mask_flow(
     quantize: str = "none",
     threads: int = 0,
     overwrite: bool = False,
+    workers: int = 1,
+    dask_address: str | None = None,
+    dask_workers: int = 0,
 ) -> dict[str, Any]:
     """Fill-mask predictions for every row of ``input`` (file, folder, glob or list) into ``output``."""
     cfg = FillMaskConfig(model=model, top_k=top_k, targets=_targets(targets), text_column=text_column,
                          keep_columns=tuple(keep_columns or ()), batch_size=batch_size, max_length=max_length,
                          too_long=too_long, format=format, device=device, dtype=dtype,  # type: ignore[arg-type]
                          quantize=quantize, threads=threads)  # type: ignore[arg-type]
-    return _run("fill-mask", cfg, input, output, overwrite)
+    return _run("fill-mask", cfg, input, output, overwrite, workers, dask_address, dask_workers)
 
 
 @flow(name="qa")
@@ -132,6 +150,9 @@ def qa_flow(
     device: str = "auto",
     threads: int = 0,
     overwrite: bool = False,
+    workers: int = 1,
+    dask_address: str | None = None,
+    dask_workers: int = 0,
 ) -> dict[str, Any]:
     """Extractive QA (answer, score, start, end) for every (question, context) row of ``input``."""
     cfg = QAConfig(model=model, question_column=question_column, context_column=context_column,
@@ -139,7 +160,7 @@ def qa_flow(
                    doc_stride=doc_stride, max_answer_len=max_answer_len,
                    handle_impossible_answer=handle_impossible_answer, batch_size=batch_size,
                    format=format, device=device, threads=threads)  # type: ignore[arg-type]
-    return _run("qa", cfg, input, output, overwrite)
+    return _run("qa", cfg, input, output, overwrite, workers, dask_address, dask_workers)
 
 
 @flow(name="embed")
@@ -158,12 +179,15 @@ def embed_flow(
     device: str = "auto",
     threads: int = 0,
     overwrite: bool = False,
+    workers: int = 1,
+    dask_address: str | None = None,
+    dask_workers: int = 0,
 ) -> dict[str, Any]:
     """Mean-pooled or [CLS] embeddings for every row of ``input`` into ``output``."""
     cfg = EmbedConfig(model=model, pooling=pooling, normalize=normalize, text_column=text_column,  # type: ignore[arg-type]
                       keep_columns=tuple(keep_columns or ()), max_length=max_length, too_long=too_long,  # type: ignore[arg-type]
                       batch_size=batch_size, format=format, device=device, threads=threads)  # type: ignore[arg-type]
-    return _run("embed", cfg, input, output, overwrite)
+    return _run("embed", cfg, input, output, overwrite, workers, dask_address, dask_workers)
 
 
 # -- trigger -----------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import os
 import shutil
 import tempfile
@@ -19,7 +20,13 @@ from typing import Any
 
 from prefect import flow, get_run_logger, task
 
-from distilflow.flows.common import make_task_runner, markdown_table, publish, wait_with_progress
+from distilflow.flows.common import (
+    make_task_runner,
+    markdown_table,
+    publish,
+    run_in_subflow,
+    wait_with_progress,
+)
 from distilflow.tasks.config import ConfigError
 from distilflow.tasks.io import InputError, exists, expand_inputs, is_local, join, read_json
 from distilflow.tasks.mask_stage import MaskStageConfig, mask_part
@@ -68,13 +75,17 @@ def local_tokenizer(url: str) -> str:
         return url
     import fsspec
 
-    cache = os.path.join(tempfile.gettempdir(), "distilflow-tok", str(abs(hash(url))))
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]  # stable across processes (unlike hash())
+    cache = os.path.join(tempfile.gettempdir(), "distilflow-tok", digest)
     if not os.path.exists(os.path.join(cache, "tokenizer.json")):
         fs, path = fsspec.core.url_to_fs(url)
         tmp = cache + f".tmp{os.getpid()}"
         fs.get(path.rstrip("/") + "/", tmp, recursive=True)
         os.makedirs(os.path.dirname(cache), exist_ok=True)
-        os.replace(tmp, cache) if not os.path.exists(cache) else shutil.rmtree(tmp)
+        if os.path.exists(cache):  # another worker finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, cache)
     return cache
 
 
@@ -252,12 +263,6 @@ def _prepare_stages(inputs: list[str], output: str, tokenizer: str, max_seq_len:
             "pairs": pairs["rows"], "masked": masked["rows"], "tokens": pairs["tokens"]}
 
 
-def _in_runner(fn, name: str, runner: Any, **kwargs: Any) -> Any:
-    """Run ``fn`` as a sub-flow whose shard tasks use ``runner`` (a flow's runner is fixed when it is
-    created, so the parameters of the outer flow pick it here)."""
-    return flow(name=name, log_prints=True)(fn).with_options(task_runner=runner)(**kwargs)
-
-
 @flow(name="prepare", log_prints=True)
 def prepare_flow(inputs: list[str], output: str, tokenizer: str, max_seq_len: int = 512, seed: int = 0,
                  dupe_factor: int = 1, short_seq_prob: float = 0.1, mlm_prob: float = 0.15,
@@ -266,7 +271,7 @@ def prepare_flow(inputs: list[str], output: str, tokenizer: str, max_seq_len: in
                  one_sentence_per_line: bool = False, workers: int = 1, dask_address: str | None = None,
                  dask_workers: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """The prepare job: corpus files -> ``output/{corpus,pairs,masked}`` (see CONTRIBUTING.md contract)."""
-    return _in_runner(_prepare_stages, "prepare-stages", make_task_runner(workers, dask_address, dask_workers), inputs=inputs,
+    return run_in_subflow(_prepare_stages, "prepare-stages", make_task_runner(workers, dask_address, dask_workers), inputs=inputs,
                       output=output, tokenizer=tokenizer, max_seq_len=max_seq_len, seed=seed, dupe_factor=dupe_factor,
                       short_seq_prob=short_seq_prob, mlm_prob=mlm_prob, whole_word_mask=whole_word_mask,
                       mlm_smoothing=mlm_smoothing, nsp=nsp, bert_exact_nsp=bert_exact_nsp, format=format,
@@ -279,7 +284,7 @@ def shard_flow(inputs: list[str], output: str, format: str = "auto", text_field:
                one_sentence_per_line: bool = False, workers: int = 1, dask_address: str | None = None,
                dask_workers: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """Stage 1 alone: inputs -> ``output/corpus``."""
-    return _in_runner(run_shard_stage, "shard-stage", make_task_runner(workers, dask_address, dask_workers), inputs=inputs,
+    return run_in_subflow(run_shard_stage, "shard-stage", make_task_runner(workers, dask_address, dask_workers), inputs=inputs,
                       output=output, format=format, text_field=text_field,
                       one_sentence_per_line=one_sentence_per_line, overwrite=overwrite)
 
@@ -289,7 +294,7 @@ def pairs_flow(output: str, tokenizer: str, max_seq_len: int = 512, short_seq_pr
                seed: int = 0, bert_exact_nsp: bool = False, workers: int = 1, dask_address: str | None = None,
                dask_workers: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """Stage 2 alone: ``output/corpus`` -> ``output/pairs``."""
-    return _in_runner(run_pairs_stage, "pairs-stage", make_task_runner(workers, dask_address, dask_workers), output=output,
+    return run_in_subflow(run_pairs_stage, "pairs-stage", make_task_runner(workers, dask_address, dask_workers), output=output,
                       tokenizer=tokenizer, max_seq_len=max_seq_len, short_seq_prob=short_seq_prob, nsp=nsp, seed=seed,
                       bert_exact_nsp=bert_exact_nsp, overwrite=overwrite)
 
@@ -299,14 +304,12 @@ def mask_flow(output: str, mlm_prob: float = 0.15, whole_word_mask: bool = False
               max_predictions: int = 0, dupe_factor: int = 1, seed: int = 0, workers: int = 1,
               dask_address: str | None = None, dask_workers: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """Stage 3 alone: ``output/pairs`` -> ``output/masked``."""
-    return _in_runner(run_mask_stage, "mask-stage", make_task_runner(workers, dask_address, dask_workers), output=output,
+    return run_in_subflow(run_mask_stage, "mask-stage", make_task_runner(workers, dask_address, dask_workers), output=output,
                       mlm_prob=mlm_prob, whole_word_mask=whole_word_mask, mlm_smoothing=mlm_smoothing,
                       max_predictions=max_predictions, dupe_factor=dupe_factor, seed=seed, overwrite=overwrite)
 
 
 def _hash(items: list[str]) -> str:
-    import hashlib
-
     return hashlib.sha256("\n".join(items).encode()).hexdigest()[:8]
 
 

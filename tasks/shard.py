@@ -21,8 +21,8 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from distilflow.tasks.config import Config, require
-from distilflow.tasks.io import file_size, join, release_memory, write_parquet
-from distilflow.tasks.readers import BadRecord, Record, detect_format, iter_records
+from distilflow.tasks.io import file_size, join, open_input, release_memory, write_parquet
+from distilflow.tasks.readers import BadRecord, detect_format, iter_lines, iter_records
 from distilflow.tasks.sentences import normalize_whitespace, split_sentences
 from distilflow.tasks.stage import StageDir
 
@@ -81,32 +81,40 @@ def _common_folder(paths: list[str]) -> str:
 def iter_documents(unit: ShardUnit, cfg: ShardConfig) -> Iterator[tuple[str, int] | BadRecord]:
     """Yield ``(document_text, first_line)`` or BadRecord. Text documents end at blank lines."""
     fmt = detect_format(unit.url) if cfg.format == "auto" else cfg.format
-    records = iter_records(unit.url, fmt, cfg.text_field, cfg.max_line_bytes)
     if fmt != "text":
-        for rec in records:
+        for rec in iter_records(unit.url, fmt, cfg.text_field, cfg.max_line_bytes):
             yield rec if isinstance(rec, BadRecord) else (rec.text, rec.line)
         return
+    try:
+        with open_input(unit.url) as f:
+            yield from _text_documents(unit.url, f, cfg)
+    except (OSError, EOFError, ValueError) as e:  # gzip CRC errors, truncated files, S3 errors
+        yield BadRecord(unit.url, None, "unreadable_file", f"{type(e).__name__}: {e}")
+
+
+def _text_documents(url: str, f, cfg: ShardConfig) -> Iterator[tuple[str, int] | BadRecord]:
+    # Straight on the line reader (no Record objects): this loop runs once per input line.
     buf: list[str] = []
     size = 0
     first_line = 0
     sep = "\n" if cfg.one_sentence_per_line else " "
-    for rec in records:
-        if isinstance(rec, BadRecord):
-            yield rec
+    for item in iter_lines(f, url, cfg.max_line_bytes):
+        if isinstance(item, BadRecord):
+            yield item
             continue
-        assert isinstance(rec, Record)
-        if not rec.text.strip():
+        line_no, text = item
+        if not text or text.isspace():
             if buf:
                 yield sep.join(buf), first_line
                 buf, size = [], 0
             continue
         if not buf:
-            first_line = rec.line
-        buf.append(rec.text)
-        size += len(rec.text)
+            first_line = line_no
+        buf.append(text)
+        size += len(text)
         if size >= cfg.max_doc_bytes:
             yield sep.join(buf), first_line
-            yield BadRecord(unit.url, first_line, "doc_split_too_long", f"document cut at {size:,} characters")
+            yield BadRecord(url, first_line, "doc_split_too_long", f"document cut at {size:,} characters")
             buf, size = [], 0
     if buf:
         yield sep.join(buf), first_line
