@@ -363,6 +363,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(a: argparse.Namespace) -> int:
     try:
+        # fail fast, before a flow run starts: inputs exist, tokenizer/teacher folders exist
+        if a.input:
+            expand_inputs(a.input)
+        if a.heldout:
+            expand_inputs(a.heldout)
+        for opt, path in (("--tokenizer", a.tokenizer), ("--teacher", a.teacher)):
+            if path and not os.path.isdir(path):
+                raise InputError(f"{opt} {path}: no such folder")
         r = pipeline_flow(a.output, inputs=a.input, heldout=a.heldout, tokenizer=a.tokenizer, vocab_size=a.vocab_size,
                           cased=a.cased, teacher=a.teacher, teacher_config=a.teacher_config, preset=a.preset,
                           glue_dir=a.glue_dir, glue_tasks=[t for t in a.glue_tasks.split(",") if t],
