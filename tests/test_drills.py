@@ -35,27 +35,37 @@ def tree(root: Path) -> dict[str, bytes]:
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)}
 
 
-@pytest.fixture(scope="module")
-def drill(tmp_path_factory, bert_tokenizer_path):
-    import subprocess
-
+def make_landing(data: Path, books: list[str], tokenizer: Path) -> None:
+    """``data/landing``: the first 150 kB (whole lines) of each book; ``data/tokenizer`` -> the tokenizer."""
     from tests.conftest import GUTENBERG
 
-    tmp = tmp_path_factory.mktemp("drill")
-    data = tmp / "data"
     (data / "landing").mkdir(parents=True)
-    for name in BOOKS:  # six files = six shard units, so a kill lands between units
+    for name in books:
         text = (GUTENBERG / name).read_bytes()[:150_000]
         (data / "landing" / name).write_bytes(text[: text.rfind(b"\n") + 1])
-    (data / "tokenizer").symlink_to(bert_tokenizer_path, target_is_directory=True)
+    (data / "tokenizer").symlink_to(tokenizer, target_is_directory=True)
+
+
+def deploy_nightly_prepare(server, data: Path) -> None:
+    """Pools + limits via infra/create-pools.sh, then the nightly-prepare deployment over ``data``."""
+    import subprocess
+
+    out = subprocess.run(["bash", str(REPO / "infra" / "create-pools.sh")],
+                         env=dict(server.env, GPU_POOL_TYPE="process", PYTHON=sys.executable),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    server.env["DISTILFLOW_DATA"] = str(data)
+    server.prefect("deploy", "--name", "nightly-prepare", "--prefect-file", str(PREFECT_YAML), cwd=REPO,
+                   timeout=180)
+
+
+@pytest.fixture(scope="module")
+def drill(tmp_path_factory, bert_tokenizer_path):
+    tmp = tmp_path_factory.mktemp("drill")
+    data = tmp / "data"
+    make_landing(data, BOOKS, bert_tokenizer_path)  # six files = six shard units, so a kill lands between units
     with prefect_server(tmp) as server:
-        out = subprocess.run(["bash", str(REPO / "infra" / "create-pools.sh")],
-                             env=dict(server.env, GPU_POOL_TYPE="process", PYTHON=sys.executable),
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        server.env["DISTILFLOW_DATA"] = str(data)
-        server.prefect("deploy", "--name", "nightly-prepare", "--prefect-file", str(PREFECT_YAML), cwd=REPO,
-                       timeout=180)
+        deploy_nightly_prepare(server, data)
         yield server, data
 
 
@@ -124,26 +134,13 @@ def test_missing_input_fails_fast_with_the_path(drill):
 def test_server_restart_during_a_run(tmp_path, bert_tokenizer_path):
     """The Prefect server goes down and comes back (same port and database) while a run is in flight:
     the flow-run process rides it out (its client retries) and the run ends Completed, its output whole."""
-    import subprocess
-
-    from tests.conftest import GUTENBERG
     from tests.prefect_server import start_prefect_server
 
     data = tmp_path / "data"
-    (data / "landing").mkdir(parents=True)
-    for name in BOOKS[:4]:
-        text = (GUTENBERG / name).read_bytes()[:150_000]
-        (data / "landing" / name).write_bytes(text[: text.rfind(b"\n") + 1])
-    (data / "tokenizer").symlink_to(bert_tokenizer_path, target_is_directory=True)
+    make_landing(data, BOOKS[:4], bert_tokenizer_path)
     server = start_prefect_server(tmp_path)
     try:
-        out = subprocess.run(["bash", str(REPO / "infra" / "create-pools.sh")],
-                             env=dict(server.env, GPU_POOL_TYPE="process", PYTHON=sys.executable),
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 0, out.stderr
-        server.env["DISTILFLOW_DATA"] = str(data)
-        server.prefect("deploy", "--name", "nightly-prepare", "--prefect-file", str(PREFECT_YAML), cwd=REPO,
-                       timeout=180)
+        deploy_nightly_prepare(server, data)
         server.start_worker("cpu", name="steady")
         with server.client() as client:
             dep = client.read_deployment_by_name("prepare/nightly-prepare")

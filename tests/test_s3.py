@@ -46,17 +46,24 @@ def _moto(tmp: Path, auth: bool) -> Iterator[str]:
         assert proc.poll() is not None, tail(log)
 
 
+def _use_endpoint(monkeypatch, endpoint: str, key: str, secret: str) -> None:
+    """Point s3fs at ``endpoint`` with credentials from the environment only (no cached clients)."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 @pytest.fixture
 def s3_env(tmp_path, monkeypatch):
     """A fresh S3 endpoint; credentials only in the environment; no cached s3fs clients from other tests."""
     import s3fs
 
     for endpoint in _moto(tmp_path, auth=False):
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "distilflow-test")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "distilflow-test-secret")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-        s3fs.S3FileSystem.clear_instance_cache()
+        _use_endpoint(monkeypatch, endpoint, "distilflow-test", "distilflow-test-secret")
         fs = s3fs.S3FileSystem()
         fs.mkdir("distilflow")
         yield fs
@@ -131,11 +138,7 @@ def test_unauthorised_bucket_fails_fast_naming_the_url(tmp_path, monkeypatch, pr
     from distilflow.flows.prepare import prepare_flow
 
     for endpoint in _moto(tmp_path, auth=True):
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "not-a-known-key")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
-        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
-        s3fs.S3FileSystem.clear_instance_cache()
+        _use_endpoint(monkeypatch, endpoint, "not-a-known-key", "wrong")
         t0 = time.monotonic()
         with pytest.raises(InputError) as err:
             prepare_flow(["s3://locked-bucket/landing"], str(tmp_path / "out"), str(bert_tokenizer_path),
