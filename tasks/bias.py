@@ -26,6 +26,7 @@ import torch
 
 from distilflow.tasks.config import Config, require
 from distilflow.tasks.finetune import resolve_device
+from distilflow.tasks.hf import load_pretrained
 from distilflow.tasks.masking import Vocab
 
 MASK = "[MASK]"
@@ -93,7 +94,7 @@ def run_bias_probe(model_path: str, cfg: BiasConfig | None = None, tokenizer_pat
     cfg = cfg or BiasConfig()
     device = resolve_device(cfg.device)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
-    model = AutoModelForMaskedLM.from_pretrained(model_path).to(device).eval()
+    model = load_pretrained(AutoModelForMaskedLM, model_path).to(device).eval()
     vocab = Vocab.from_tokenizer(tokenizer)
     id2tok = {i: t for t, i in tokenizer.get_vocab().items()}
     out: dict[str, Any] = {"model": model_path, "config": cfg.to_dict(), "templates": []}

@@ -17,6 +17,7 @@ import torch
 from distilflow.tasks.batch_io import ErrorRow, InputRow, WindowResult, length_sorted_batches
 from distilflow.tasks.config import Config, require
 from distilflow.tasks.fill_mask import resolve_device
+from distilflow.tasks.hf import load_pretrained
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ def load_encoder(model: str, device: str = "auto") -> tuple[Any, torch.nn.Module
 
     dev = resolve_device(device)
     tok = AutoTokenizer.from_pretrained(model)
-    m = AutoModel.from_pretrained(model).eval().to(dev)  # a *ForMaskedLM folder loads its encoder
+    m = load_pretrained(AutoModel, model).eval().to(dev)  # a *ForMaskedLM folder loads its encoder
     return tok, m, dev
 
 

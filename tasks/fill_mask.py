@@ -39,6 +39,7 @@ from torch import nn
 
 from distilflow.tasks.batch_io import ErrorRow, InputRow, WindowResult, length_sorted_batches
 from distilflow.tasks.config import Config, require
+from distilflow.tasks.hf import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +212,9 @@ def load_mlm(model: str, device: str = "auto", dtype: str = "auto") -> tuple[Any
     tok = AutoTokenizer.from_pretrained(model)
     kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
     try:
-        m = AutoModelForMaskedLM.from_pretrained(model, **kwargs)
+        m = load_pretrained(AutoModelForMaskedLM, model, **kwargs)
     except (ValueError, ImportError):  # architectures without SDPA support
-        m = AutoModelForMaskedLM.from_pretrained(model)
+        m = load_pretrained(AutoModelForMaskedLM, model)
     m.eval().to(dev)
     return tok, m, dev, compute
 

@@ -30,6 +30,7 @@ from distilflow.tasks import glue as glue_mod
 from distilflow.tasks import metrics as M
 from distilflow.tasks import squad as squad_mod
 from distilflow.tasks.config import Config, require
+from distilflow.tasks.hf import load_pretrained
 from distilflow.tasks.io import write_json
 
 
@@ -232,7 +233,7 @@ def finetune_glue(model_path: str, task: str, train: list[glue_mod.Example], hel
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialised classifier weights" is expected here
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+        model = load_pretrained(AutoModelForSequenceClassification, model_path, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
     accepted = _model_inputs(model)
@@ -298,7 +299,7 @@ def finetune_squad(model_path: str, train: list[squad_mod.SquadExample], held_ou
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForQuestionAnswering.from_pretrained(model_path)
+        model = load_pretrained(AutoModelForQuestionAnswering, model_path)
     finally:
         hf_logging.set_verbosity(verbosity)
     accepted = _model_inputs(model)
@@ -366,7 +367,7 @@ def answer_questions(model_dir: str, questions: list[tuple[str, str]], cfg: Fine
     cfg = cfg or FinetuneConfig(**SQUAD_DEFAULTS)
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForQuestionAnswering.from_pretrained(model_dir).to(device)
+    model = load_pretrained(AutoModelForQuestionAnswering, model_dir).to(device)
     examples = [squad_mod.SquadExample(str(i), "", c, q, ("",), (0,)) for i, (q, c) in enumerate(questions)]
     feats = squad_mod.make_features(examples, tokenizer, cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len)
     s, e = _qa_logits(model, feats, cfg, device)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from distilflow.tasks.config import Config, require
 from distilflow.tasks.finetune import autocast, resolve_device, show_progress
+from distilflow.tasks.hf import load_pretrained
 from distilflow.tasks.io import exists, iter_parquet_batches, join, listdir
 from distilflow.tasks.masking import IGNORE_INDEX
 from distilflow.tasks.metrics import perplexity
@@ -97,7 +98,7 @@ def evaluate_mlm(model_path: str, data_dir: str, cfg: MLMEvalConfig | None = Non
     cfg = cfg or MLMEvalConfig()
     check_tokenizer(model_path, data_dir)
     device = resolve_device(cfg.device)
-    model = AutoModelForMaskedLM.from_pretrained(model_path).to(device).eval()
+    model = load_pretrained(AutoModelForMaskedLM, model_path).to(device).eval()
     vocab_size = model.get_output_embeddings().weight.shape[0]
     mask_id = _mask_id(model_path, data_dir)
     import inspect

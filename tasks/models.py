@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from transformers import BertConfig, DistilBertConfig, DistilBertForMaskedLM, PreTrainedModel
 
+from distilflow.tasks.hf import build_model
+
 # name -> (layers, hidden, heads, ffn). Widths follow Turc et al. 2019 ("Well-Read Students") names.
 PRESETS: dict[str, tuple[int, int, int, int]] = {
     "tiny": (2, 64, 2, 256),
@@ -128,7 +130,7 @@ def init_student_from_teacher(teacher: PreTrainedModel, layers: tuple[int, ...] 
         raise ValueError(f"student init needs a BERT teacher, got model_type {tcfg.model_type!r}")
     layers = tuple(layers) if layers is not None else default_student_layers(tcfg.num_hidden_layers)
     check_student_layers(layers, tcfg.num_hidden_layers)
-    student = DistilBertForMaskedLM(student_config(tcfg, len(layers)))
+    student = build_model(DistilBertForMaskedLM, student_config(tcfg, len(layers)))
     sd = student_state_from_teacher(teacher.state_dict(), layers)
     missing, unexpected = student.load_state_dict(sd, strict=False)
     if unexpected or missing:

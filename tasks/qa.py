@@ -29,6 +29,7 @@ from transformers.pipelines.document_question_answering import select_starts_end
 from distilflow.tasks.batch_io import ErrorRow, InputRow, WindowResult, length_sorted_batches
 from distilflow.tasks.config import Config, require
 from distilflow.tasks.fill_mask import resolve_device
+from distilflow.tasks.hf import load_pretrained
 
 QA_SCHEMA = pa.schema([
     pa.field("row_id", pa.int64(), nullable=False),
@@ -79,7 +80,7 @@ def load_qa(model: str, device: str = "auto") -> tuple[Any, torch.nn.Module, tor
     tok = AutoTokenizer.from_pretrained(model)
     if not tok.is_fast:
         raise ValueError(f"{model}: batch QA needs a fast tokenizer (offsets / word ids)")
-    m = AutoModelForQuestionAnswering.from_pretrained(model).eval().to(dev)
+    m = load_pretrained(AutoModelForQuestionAnswering, model).eval().to(dev)
     return tok, m, dev
 
 

@@ -48,6 +48,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM, BertForPreTraining, PreTrainedModel
 
 from distilflow.tasks.config import Config, ConfigError, require
+from distilflow.tasks.hf import build_model, load_pretrained
 from distilflow.tasks.io import is_local, join, write_json
 from distilflow.tasks.losses import DistilLosses, ce_rows, combine
 from distilflow.tasks.masking import IGNORE_INDEX, MaskConfig, Vocab
@@ -346,7 +347,7 @@ def load_checkpoint(d: Dist, cfg: TrainConfig, ckpt: str, model: PreTrainedModel
     if state["world_size"] != d.world:
         raise ResumeError(f"{ckpt}: written by {state['world_size']} process(es), now {d.world}; an exact "
                           "resume needs the same number (the data order depends on it)")
-    loaded = type(model).from_pretrained(ckpt)
+    loaded = load_pretrained(type(model), ckpt)
     model.load_state_dict(loaded.state_dict())
     optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True,
                                          map_location=d.device))
@@ -383,7 +384,7 @@ def load_teacher(name: str, device: torch.device) -> PreTrainedModel:
                           "where no model hub is reachable") from e
     if cfg.model_type != "bert":
         raise ConfigError(f"TrainConfig.teacher: {name} is a {cfg.model_type!r} model; a BERT teacher is needed")
-    teacher = BertForMaskedLM.from_pretrained(name)  # a BertForPreTraining checkpoint loads too (no NSP head)
+    teacher = load_pretrained(BertForMaskedLM, name)  # a BertForPreTraining checkpoint loads too (no NSP head)
     teacher.eval().requires_grad_(False)
     teacher.to(device)  # type: ignore[arg-type]  # (transformers' typing of .to)
     return teacher
@@ -476,7 +477,7 @@ def train(cfg: TrainConfig, on_log: Callable[[dict[str, Any]], None] | None = No
         model = init_student_from_teacher(teacher, layers)
         objective: nn.Module = DistillObjective(model, cfg)
     else:
-        model = BertForPreTraining(model_cfg)
+        model = build_model(BertForPreTraining, model_cfg)
         objective = PretrainObjective(model)
     model.to(d.device).train()
     n_params = sum(p.numel() for p in model.parameters())
