@@ -19,13 +19,16 @@ import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from distilflow.flows.common import (
     make_task_runner,
     markdown_table,
+    offload,
     publish,
     run_in_subflow,
     wait_with_progress,
+    worker_processes,
 )
 from distilflow.tasks.config import ConfigError
 from distilflow.tasks.io import InputError, exists, expand_inputs, is_local, join, read_json
@@ -47,7 +50,7 @@ from distilflow.tasks.stage import ResumeError, StageDir, read_manifest
 def shard_task(unit: ShardUnit, stage: StageDir, cfg: ShardConfig) -> dict[str, Any]:
     if stage.is_done(unit.key):  # finished by an earlier (killed) run
         return read_json(stage.marker_url(unit.key))
-    return shard_file(unit, stage, cfg)
+    return offload(shard_file, unit, stage, cfg)
 
 
 @task(name="pairs-part", retries=1, retry_delay_seconds=2)
@@ -55,7 +58,7 @@ def pairs_task(corpus_url: str, key: str, neighbour: str | None, stage: StageDir
                tokenizer_path: str) -> dict[str, Any]:
     if stage.is_done(key):
         return read_json(stage.marker_url(key))
-    return pairs_part(corpus_url, key, neighbour, stage, cfg, local_tokenizer(tokenizer_path))
+    return offload(pairs_part, corpus_url, key, neighbour, stage, cfg, local_tokenizer(tokenizer_path))
 
 
 @task(name="mask-part", retries=1, retry_delay_seconds=2)
@@ -63,7 +66,7 @@ def mask_task(pairs_url: str, key: str, stage: StageDir, cfg: MaskStageConfig, t
               pairs_stage_url: str) -> dict[str, Any]:
     if stage.is_done(key):
         return read_json(stage.marker_url(key))
-    return mask_part(pairs_url, key, stage, cfg, local_tokenizer(tokenizer_path), pairs_stage_url)
+    return offload(mask_part, pairs_url, key, stage, cfg, local_tokenizer(tokenizer_path), pairs_stage_url)
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -236,8 +239,7 @@ def _prepare_stages(inputs: list[str], output: str, tokenizer: str, max_seq_len:
                     overwrite: bool) -> dict[str, Any]:
     """shard -> pairs -> mask; each stage is skipped when its outputs are complete.
 
-    The stages run inside one flow (not three sub-flows) so that the worker pool -- processes that
-    each load Prefect, transformers and the tokenizer -- is started once, not three times.
+    The stages run inside one flow (not three sub-flows) so that the worker pool is started once.
     """
     t0 = time.perf_counter()
     corpus = run_shard_stage(inputs, output, format=format, text_field=text_field,
@@ -271,7 +273,7 @@ def prepare_flow(inputs: list[str], output: str, tokenizer: str, max_seq_len: in
                  one_sentence_per_line: bool = False, workers: int = 1, dask_address: str | None = None,
                  dask_workers: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """The prepare job: corpus files -> ``output/{corpus,pairs,masked}`` (see CONTRIBUTING.md contract)."""
-    return run_in_subflow(_prepare_stages, "prepare-stages", make_task_runner(workers, dask_address, dask_workers), inputs=inputs,
+    return _run_stages(_prepare_stages, "prepare-stages", workers, dask_address, dask_workers, inputs=inputs,
                       output=output, tokenizer=tokenizer, max_seq_len=max_seq_len, seed=seed, dupe_factor=dupe_factor,
                       short_seq_prob=short_seq_prob, mlm_prob=mlm_prob, whole_word_mask=whole_word_mask,
                       mlm_smoothing=mlm_smoothing, nsp=nsp, bert_exact_nsp=bert_exact_nsp, format=format,
@@ -284,7 +286,7 @@ def shard_flow(inputs: list[str], output: str, format: str = "auto", text_field:
                one_sentence_per_line: bool = False, workers: int = 1, dask_address: str | None = None,
                dask_workers: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """Stage 1 alone: inputs -> ``output/corpus``."""
-    return run_in_subflow(run_shard_stage, "shard-stage", make_task_runner(workers, dask_address, dask_workers), inputs=inputs,
+    return _run_stages(run_shard_stage, "shard-stage", workers, dask_address, dask_workers, inputs=inputs,
                       output=output, format=format, text_field=text_field,
                       one_sentence_per_line=one_sentence_per_line, overwrite=overwrite)
 
@@ -294,7 +296,7 @@ def pairs_flow(output: str, tokenizer: str, max_seq_len: int = 512, short_seq_pr
                seed: int = 0, bert_exact_nsp: bool = False, workers: int = 1, dask_address: str | None = None,
                dask_workers: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """Stage 2 alone: ``output/corpus`` -> ``output/pairs``."""
-    return run_in_subflow(run_pairs_stage, "pairs-stage", make_task_runner(workers, dask_address, dask_workers), output=output,
+    return _run_stages(run_pairs_stage, "pairs-stage", workers, dask_address, dask_workers, output=output,
                       tokenizer=tokenizer, max_seq_len=max_seq_len, short_seq_prob=short_seq_prob, nsp=nsp, seed=seed,
                       bert_exact_nsp=bert_exact_nsp, overwrite=overwrite)
 
@@ -304,9 +306,20 @@ def mask_flow(output: str, mlm_prob: float = 0.15, whole_word_mask: bool = False
               max_predictions: int = 0, dupe_factor: int = 1, seed: int = 0, workers: int = 1,
               dask_address: str | None = None, dask_workers: int = 0, overwrite: bool = False) -> dict[str, Any]:
     """Stage 3 alone: ``output/pairs`` -> ``output/masked``."""
-    return run_in_subflow(run_mask_stage, "mask-stage", make_task_runner(workers, dask_address, dask_workers), output=output,
+    return _run_stages(run_mask_stage, "mask-stage", workers, dask_address, dask_workers, output=output,
                       mlm_prob=mlm_prob, whole_word_mask=whole_word_mask, mlm_smoothing=mlm_smoothing,
                       max_predictions=max_predictions, dupe_factor=dupe_factor, seed=seed, overwrite=overwrite)
+
+
+def _run_stages(fn: Any, name: str, pool_size: int, dask_address: str | None, dask_workers: int,
+                **kwargs: Any) -> Any:
+    """Run a stage body as a sub-flow: its tasks on the Dask cluster when one is named, else one task per
+    unit on the default thread runner with the work in ``pool_size`` plain processes (``worker_processes``).
+    One pool for all the stages of a run: it starts once."""
+    if dask_address or dask_workers:
+        return run_in_subflow(fn, name, make_task_runner(1, dask_address, dask_workers), **kwargs)
+    with worker_processes(pool_size):
+        return run_in_subflow(fn, name, ThreadPoolTaskRunner(max_workers=max(1, pool_size)), **kwargs)
 
 
 def _hash(items: list[str]) -> str:
