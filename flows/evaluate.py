@@ -266,7 +266,8 @@ def _run_evaluate(a: argparse.Namespace) -> int:
         return 2
     for row in report["table"]:
         if row["task"] in report["results"]:
-            print(f"{row['task']:>6}: {row['metric']} {_num(row['ours'])}  (reference {_num(row['reference'])})"
+            ref = f"reference {_num(row['reference'])}" if row["reference"] not in ("", None) else "no reference"
+            print(f"{row['task']:>6}: {row['metric']} {_num(row['ours'])}  ({ref})"
                   + (f"  [{row['notes']}]" if row["notes"] else ""))
     print(f"results: {os.path.join(a.output, 'results.md')} and results.json; Prefect UI: flow run 'evaluate', "
           "artifacts 'evaluation-results' and 'evaluation-report'")

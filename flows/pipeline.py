@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -91,23 +92,34 @@ def _fingerprint(cfg: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_stage(output: str, name: str, cfg: dict[str, Any], fn, *args: Any, **kwargs: Any) -> dict[str, Any]:
-    """Run ``fn`` unless ``OUT/_pipeline/<name>.json`` records a finished run with the same config."""
+def run_stage(output: str, name: str, cfg: dict[str, Any], fn, *args: Any, after: tuple[dict[str, Any], ...] = (),
+              outputs: tuple[str, ...] = (), **kwargs: Any) -> dict[str, Any]:
+    """Run ``fn`` unless ``OUT/_pipeline/<name>.json`` records a finished run with the same config.
+
+    ``after``: the results of the stages this one reads; their fingerprints are part of this stage's, so a
+    stage that ran again (new data, new teacher) makes everything downstream run again too.
+    ``outputs``: this stage's folders, deleted before it runs again with a changed config (they hold the
+    old config's results, which the stage's own resume logic would refuse to mix with new ones). A stage
+    killed half way has no marker and its folders are kept: the sub-flow resumes from them.
+    """
     logger = get_run_logger()
     marker = join(output, "_pipeline", f"{name}.json")
-    fp = _fingerprint(cfg)
+    fp = _fingerprint({**cfg, "after": [a["fingerprint"] for a in after]})
     if exists(marker):
         rec = read_json(marker)
         if rec.get("fingerprint") == fp:
             logger.info("stage %s: already done with the same config, skipped", name)
-            return {**rec["result"], "skipped": True, "seconds": rec.get("seconds", 0.0)}
-        logger.info("stage %s: config changed, running again", name)
+            return {**rec["result"], "skipped": True, "seconds": rec.get("seconds", 0.0), "fingerprint": fp}
+        logger.info("stage %s: config or input changed, running again (removing %s)", name, ", ".join(outputs))
+        for folder in outputs:
+            shutil.rmtree(folder, ignore_errors=True)
+        os.remove(marker)
     t0 = time.perf_counter()
     result = fn(*args, **kwargs)
     seconds = time.perf_counter() - t0
     write_json(marker, {"stage": name, "fingerprint": fp, "config": cfg, "seconds": round(seconds, 2),
                         "result": _jsonable(result)})
-    return {**_jsonable(result), "skipped": False, "seconds": round(seconds, 2)}
+    return {**_jsonable(result), "skipped": False, "seconds": round(seconds, 2), "fingerprint": fp}
 
 
 def _jsonable(x: Any) -> Any:
@@ -153,8 +165,8 @@ def _mask_queries(heldout_corpus: str, out_file: str, tokenizer: str, rows: int,
         if len(queries) >= rows:
             break
     os.makedirs(os.path.dirname(out_file), exist_ok=True)
-    with open(out_file, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(q) + "\n" for q in queries)
+    with open(out_file, "w", encoding="utf-8") as out:
+        out.writelines(json.dumps(q) + "\n" for q in queries)
     return len(queries)
 
 
@@ -163,7 +175,7 @@ def _fill_mask_accuracy(queries_file: str, predictions_dir: str) -> dict[str, An
 
     with open(queries_file, encoding="utf-8") as fh:
         answers = [json.loads(line)["answer"] for line in fh]
-    preds: dict[int, list[str]] = {}
+    preds: dict[int, list[tuple[int, str]]] = {}
     for f in sorted(os.listdir(predictions_dir)):
         if f.endswith(".parquet") and not f.startswith("_"):
             t = pq.read_table(os.path.join(predictions_dir, f), columns=["row_id", "rank", "token_str"])
@@ -224,21 +236,26 @@ def pipeline_flow(output: str, inputs: list[str] | None = None, heldout: list[st
         tok_path = join(output, "tokenizer")
         stages["vocab"] = run_stage(output, "vocab", {"inputs": train_files, "vocab_size": cfg.p("vocab_size"),
                                                       "cased": cfg.cased},
-                                    vocab_flow, train_files, tok_path, vocab_size=cfg.p("vocab_size"), cased=cfg.cased)
+                                    vocab_flow, train_files, tok_path, vocab_size=cfg.p("vocab_size"), cased=cfg.cased,
+                                    outputs=(tok_path,))
+    vocab = (stages["vocab"],) if "vocab" in stages else ()
 
     # 2. prepare training and held-out data (same tokenizer, same masking)
     msl = cfg.p("max_seq_len")
     data, held = join(output, "data"), join(output, "heldout")
     prep = {"tokenizer": tok_path, "max_seq_len": msl, "seed": seed, "workers": workers}
     stages["prepare"] = run_stage(output, "prepare", {**prep, "inputs": train_files}, prepare_flow, train_files, data,
-                                  tok_path, max_seq_len=msl, seed=seed, workers=workers)
+                                  tok_path, max_seq_len=msl, seed=seed, workers=workers, after=vocab, outputs=(data,))
     stages["prepare-heldout"] = run_stage(output, "prepare-heldout", {**prep, "inputs": held_files}, prepare_flow,
-                                          held_files, held, tok_path, max_seq_len=msl, seed=seed + 1, workers=workers)
+                                          held_files, held, tok_path, max_seq_len=msl, seed=seed + 1, workers=workers,
+                                          after=vocab, outputs=(held,))
+    prepared = (stages["prepare"], stages["prepare-heldout"])
 
     # 3. teacher
     bs = cfg.p("batch_size")
+    # resume: a pipeline killed during training continues from the last checkpoint (every 10% of the steps)
     common = {"batch_size": bs, "seed": seed, "eval_data": held, "eval_sequences": cfg.p("eval_sequences"),
-              "log_every": 20}
+              "log_every": 20, "resume": True}
     teacher_path = cfg.teacher
     teacher_spec = cfg.p("teacher_config")
     if teacher_spec == "debug":
@@ -248,16 +265,21 @@ def pipeline_flow(output: str, inputs: list[str] | None = None, heldout: list[st
         write_json(teacher_spec, {**DEBUG_TEACHER, "vocab_size": len(AutoTokenizer.from_pretrained(tok_path))})
     if not teacher_path:
         teacher_path = join(output, "teacher")
-        t_settings = {**common, "max_steps": cfg.p("pretrain_steps"), "lr": cfg.p("pretrain_lr")}
+        t_settings = {**common, "max_steps": cfg.p("pretrain_steps"), "lr": cfg.p("pretrain_lr"),
+                      "save_every": max(1, cfg.p("pretrain_steps") // 10)}
         stages["pretrain"] = run_stage(output, "pretrain", {"data": data, "config": cfg.p("teacher_config"),
                                                             **t_settings},
-                                       pretrain_flow, data, teacher_path, config=teacher_spec, settings=t_settings)
+                                       pretrain_flow, data, teacher_path, config=teacher_spec, settings=t_settings,
+                                       after=prepared, outputs=(teacher_path,))
+    teacher_stage = (stages["pretrain"],) if "pretrain" in stages else ()
 
     # 4. student
     student = join(output, "student")
-    s_settings = {**common, "max_steps": cfg.p("distill_steps"), "lr": cfg.p("distill_lr")}
+    s_settings = {**common, "max_steps": cfg.p("distill_steps"), "lr": cfg.p("distill_lr"),
+                  "save_every": max(1, cfg.p("distill_steps") // 10)}
     stages["distill"] = run_stage(output, "distill", {"data": data, "teacher": teacher_path, **s_settings},
-                                  distill_flow, data, teacher_path, student, settings=s_settings)
+                                  distill_flow, data, teacher_path, student, settings=s_settings,
+                                  after=prepared + teacher_stage, outputs=(student,))
 
     # 5. evaluation
     tasks = ["mlm", "bias"] + list(cfg.glue_tasks if cfg.glue_dir else ()) + (["squad"] if cfg.squad_dev else [])
@@ -265,7 +287,8 @@ def pipeline_flow(output: str, inputs: list[str] | None = None, heldout: list[st
     ev_args = {"teacher": teacher_path, "data": held, "glue_dir": cfg.glue_dir or None,
                "squad_dev": cfg.squad_dev or None, "seed": seed}
     stages["evaluate"] = run_stage(output, "evaluate", {"model": student, "tasks": tasks, **ev_args},
-                                   evaluate_flow, student, tasks, eval_out, **ev_args)
+                                   evaluate_flow, student, tasks, eval_out, **ev_args,
+                                   after=(stages["distill"], *prepared), outputs=(eval_out,))
 
     # 6. batch fill-mask over held-out sentences
     queries = join(output, "fill-mask", "queries.jsonl")
@@ -279,7 +302,9 @@ def pipeline_flow(output: str, inputs: list[str] | None = None, heldout: list[st
         return {**acc, "queries": n, "rows_per_s": round(n / (time.perf_counter() - t0), 1)}
 
     stages["fill-mask"] = run_stage(output, "fill-mask", {"model": student, "heldout": held_files, "seed": seed,
-                                                          "rows": cfg.p("fill_mask_rows")}, fill_mask_stage)
+                                                          "rows": cfg.p("fill_mask_rows")}, fill_mask_stage,
+                                    after=(stages["distill"], stages["prepare-heldout"]),
+                                    outputs=(join(output, "fill-mask"),))
 
     # 7. report
     total = time.perf_counter() - t_start

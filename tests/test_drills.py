@@ -5,7 +5,7 @@
   when heartbeats stop), a rerun of the same deployment finishes, and the output is byte-identical to an
   uninterrupted run: nothing lost, nothing written twice.
 * A run given a missing input path fails within seconds, naming the path.
-* (slow) The server is stopped and restarted on the same port and database during a run; the run still
+* The server is stopped and restarted on the same port and database during a run; the run still
   ends Completed.
 """
 
@@ -130,7 +130,6 @@ def test_missing_input_fails_fast_with_the_path(drill):
     assert not (data / "never" / "masked").exists()
 
 
-@pytest.mark.slow  # ~70 s on 2 busy cores; run with -m slow
 def test_server_restart_during_a_run(tmp_path, bert_tokenizer_path):
     """The Prefect server goes down and comes back (same port and database) while a run is in flight:
     the flow-run process rides it out (its client retries) and the run ends Completed, its output whole."""

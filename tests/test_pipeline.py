@@ -42,6 +42,33 @@ def test_run_stage_skips_a_finished_stage_and_reruns_a_changed_one(prefect_test_
     assert rec["config"] == {"x": 4} and rec["result"] == {"value": 8}
 
 
+def test_run_stage_reruns_downstream_of_a_changed_stage_and_clears_its_outputs(prefect_test_harness_session, tmp_path):
+    calls = []
+    out = tmp_path / "down"
+
+    def up(x):
+        calls.append(("up", x))
+        return {"x": x}
+
+    def down():
+        # a stage's own resume logic refuses a folder left by another config: it must start empty
+        assert not (out / "stale").exists()
+        out.mkdir(exist_ok=True)
+        (out / "stale").write_text("written by the previous config")
+        calls.append(("down",))
+        return {}
+
+    @flow
+    def parent(x: int) -> dict:
+        a = run_stage(str(tmp_path), "up", {"x": x}, up, x)
+        return run_stage(str(tmp_path), "down", {"same": "config"}, down, after=(a,), outputs=(str(out),))
+
+    parent(1)
+    assert parent(1)["skipped"] is True and calls == [("up", 1), ("down",)]
+    # the upstream stage changed: the downstream one (same own config) runs again, on a cleared folder
+    assert parent(2)["skipped"] is False and calls == [("up", 1), ("down",), ("up", 2), ("down",)]
+
+
 @pytest.mark.slow
 def test_pipeline_end_to_end_debug_preset(prefect_test_harness_session, tmp_path):
     """The README's first command (minutes on 2 CPU cores)."""

@@ -1,5 +1,6 @@
-"""The Prefect UI, for real: a server with its UI, a small `distilflow prepare` run reported to it, and headless
-Chromium (Debian `chromium`) rendering the flow-runs page, the artifacts page and the run's summary artifact.
+"""The Prefect UI, for real: a server with its UI, the demo pipeline (the README's first command) reported to it,
+and headless Chromium (Debian `chromium`) rendering the flow-runs page, the artifacts page, the pipeline report,
+the prepare summary and a loss-curve report.
 
 Screenshots land in the test's tmp dir; set DISTILFLOW_UI_SCREENSHOT=docs/ui-screenshot.png to refresh the
 README's picture.
@@ -8,6 +9,7 @@ README's picture.
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
 import shutil
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from distilflow.flows.common import _fmt
 from distilflow.tasks.io import read_json
 from tests.prefect_server import prefect_server, run_artifacts
 
@@ -63,55 +66,78 @@ def visible_text(dom: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", dom)))
 
 
+@pytest.mark.timeout(1800)  # the demo pipeline: ~3 min on 2 quiet cores, up to ~10 on a loaded machine
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed: run scripts/ci-system-deps.sh")
-def test_ui_shows_prepare_run_and_its_table_artifact(tmp_path, bert_tokenizer_path):
-    from tests.conftest import GUTENBERG
-
-    landing = tmp_path / "landing"
-    landing.mkdir()
-    text = (GUTENBERG / "pg1342.txt").read_bytes()[:30_000]
-    (landing / "book.txt").write_bytes(text[: text.rfind(b"\n") + 1])
-    out_dir = tmp_path / "prepared"
+def test_ui_shows_the_demo_pipeline_run_and_its_reports(tmp_path):
+    out_dir = tmp_path / "demo"
     with prefect_server(tmp_path, ui=True) as server:
-        demo = subprocess.run(
-            [str(Path(sys.executable).with_name("distilflow")), "prepare", "--input", str(landing), "--output",
-             str(out_dir), "--tokenizer", str(bert_tokenizer_path), "--max-seq-len", "64"],
-            env=server.env, capture_output=True, text=True, timeout=300)
+        # the README's first command, reported to this server
+        demo = subprocess.run([str(Path(sys.executable).with_name("distilflow")), "pipeline", "--output", str(out_dir)],
+                              env={**server.env, "DISTILFLOW_PROGRESS": "0"}, capture_output=True, text=True,
+                              timeout=1700)
         assert demo.returncode == 0, demo.stderr[-3000:]
+        assert "Traceback" not in demo.stdout + demo.stderr
         with server.client() as client:
             runs = client.read_flow_runs()
+            flows = {f.id: f.name for f in client.read_flows()}
         (top,) = [r for r in runs if r.parent_task_run_id is None]
-        assert top.state.is_completed()
-        arts = {a.key: a for a in run_artifacts(server, top.id)}
-        summary = arts["distilflow-prepare"]
+        assert flows[top.flow_id] == "pipeline" and top.state.is_completed()
+        # every stage is a sub-flow of the pipeline run, all completed
+        sub = {flows[r.flow_id] for r in runs if r.parent_task_run_id is not None and r.state.is_completed()}
+        assert {"vocab", "prepare", "pretrain", "distill", "evaluate", "fill-mask"} <= sub, sub
+        arts = {a.key: a for a in run_artifacts(server, top.id) if a.key}
 
-        # 1. the flow-runs page lists the run, completed
+        # 1. the flow-runs page lists the pipeline run, completed
         _, runs_page = render_until(f"{server.url}/runs", tmp_path, [top.name, "Completed"])
         assert top.name in runs_page and "Completed" in runs_page, runs_page[-2000:]
 
-        # 2. the artifacts page lists the run's reports (per-stage counts and throughput)
-        keys = ["distilflow-prepare", "distilflow-shard", "distilflow-pairs", "distilflow-mask"]
+        # 2. the artifacts page lists the run's reports: per-stage counts and throughput, loss curves,
+        #    evaluation tables, the pipeline report
+        keys = ["distilflow-pipeline-report", "distilflow-prepare", "pretrain-loss-curves", "distill-loss-curves",
+                "evaluation-results", "bias-probe", "distilflow-fill-mask"]
+        assert set(keys) <= set(arts), sorted(arts)
         _, listing = render_until(f"{server.url}/artifacts", tmp_path, keys)
         for key in keys:
             assert key in listing, f"{key} not on the artifacts page:\n{listing[-2000:]}"
 
-        # 3. the summary artifact renders as a table whose numbers are the manifests' numbers, linked to its run
+        # 3. the pipeline report renders as tables, linked to its run, with the numbers of report.md
+        report = arts["distilflow-pipeline-report"]
         with server.client() as client:
-            owner = client.read_flow_run(summary.flow_run_id)
-        dom, page = render_until(f"{server.url}/artifacts/artifact/{summary.id}", tmp_path,
-                                 [f"Flow Run {owner.name}", "masked"])
-        assert "<table" in dom, "the markdown table was not rendered as a table"
+            owner = client.read_flow_run(report.flow_run_id)
+        assert owner.id == top.id
+        dom, page = render_until(f"{server.url}/artifacts/artifact/{report.id}", tmp_path,
+                                 [f"Flow Run {owner.name}", "fill-mask"])
+        assert "<table" in dom, "the markdown tables were not rendered as tables"
         assert f"Flow Run {owner.name}" in page, page[-2000:]
+        report_md = (out_dir / "report.md").read_text()
+        for stage in ("vocab", "prepare", "pretrain", "distill", "evaluate", "fill-mask"):
+            row = re.search(rf"^\| {stage} \| ran \| [^|]+ \| ([^|]+) \|$", report_md, flags=re.M)
+            assert row, f"no '{stage}' row in report.md:\n{report_md}"
+            assert re.search(rf"{stage} ran [\d.,]+ {re.escape(row.group(1).strip())}", page), \
+                f"stage {stage} ({row.group(1).strip()}) not shown:\n{page[:3000]}"
+        assert "Held-out masked LM" in page and "top-5 accuracy" in page  # evaluation and fill-mask tables
+
+        # 4. the prepare summary's numbers are the manifests' numbers (per-stage counts + throughput)
+        dom, page = render_until(f"{server.url}/artifacts/artifact/{arts['distilflow-prepare'].id}", tmp_path,
+                                 ["masked"])
+        prepared = next(d for d in (out_dir / "data", out_dir / "heldout") if str(d) in page)
         for stage in ("corpus", "pairs", "masked"):
-            rows = read_json(str(out_dir / stage / "manifest.json"))["rows"]
+            rows = read_json(str(prepared / stage / "manifest.json"))["rows"]
             assert re.search(rf"{stage} \d+ {rows:,} ", page), f"{stage} row with {rows:,} rows not shown:\n{page}"
-        assert "MB/s" in page  # throughput is part of the summary
+        assert "MB/s" in page
+
+        # 5. a loss-curve report shows the training it describes
+        _, page = render_until(f"{server.url}/artifacts/artifact/{arts['distill-loss-curves'].id}", tmp_path,
+                               ["Loss curves", "loss_ce"])
+        last = [json.loads(line) for line in (out_dir / "student" / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in line][-1]
+        assert f"{last['step']} {_fmt(last['loss'])} {_fmt(last['loss_ce'])}" in page, page[:3000]
 
         shot = tmp_path / "ui-artifact.png"
-        chromium(f"{server.url}/artifacts/artifact/{summary.id}", tmp_path, screenshot=shot)
+        chromium(f"{server.url}/artifacts/artifact/{report.id}", tmp_path, screenshot=shot)
         assert shot.stat().st_size > 20_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         target = os.environ.get("DISTILFLOW_UI_SCREENSHOT")
         if target:
             dest = Path(target) if Path(target).is_absolute() else REPO / target
             dest.parent.mkdir(parents=True, exist_ok=True)
-            chromium(f"{server.url}/artifacts/artifact/{summary.id}", tmp_path, screenshot=dest)
+            chromium(f"{server.url}/artifacts/artifact/{report.id}", tmp_path, screenshot=dest)
