@@ -146,8 +146,10 @@ def test_resume_refuses_a_changed_config(prefect_test_harness_session, tmp_path)
     _prepare([src], tmp_path / "o", max_seq_len=64, overwrite=True)
 
 
-def test_kill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path):
-    """SIGKILL the CLI while it is sharding, rerun: finished units are skipped, the result equals a clean run."""
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_kill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path, workers):
+    """SIGKILL the CLI (and its worker processes) while it is sharding, rerun: finished units are skipped,
+    the result equals a clean run."""
     text = (GUTENBERG / "pg1342.txt").read_text(encoding="utf-8")
     inputs = tmp_path / "in"
     inputs.mkdir()
@@ -155,7 +157,8 @@ def test_kill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path):
     step = len(text) // n_files
     for i in range(n_files):
         (inputs / f"part{i:02d}.txt").write_text(text[i * step:(i + 1) * step], encoding="utf-8")
-    args = ["prepare", "--input", str(inputs), "--tokenizer", str(BERT_TOKENIZER), "--max-seq-len", "128"]
+    args = ["prepare", "--input", str(inputs), "--tokenizer", str(BERT_TOKENIZER), "--max-seq-len", "128",
+            "--workers", workers]
     env = {"DISTILFLOW_PROGRESS": "0"}
 
     killed = tmp_path / "killed"
