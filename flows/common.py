@@ -43,17 +43,16 @@ _WORKERS: ProcessPoolExecutor | None = None
 
 @contextmanager
 def worker_processes(workers: int) -> Iterator[None]:
-    """Plain worker processes for the data stages' CPU work while the block runs (``workers`` > 1).
+    """Plain worker processes for the data stages' CPU work while the block runs.
 
     The Prefect tasks themselves stay on the default thread runner -- one task per unit, states and logs
     in the UI -- and hand their pure-Python work to :func:`offload`. The workers import only
     ``distilflow.tasks`` (no Prefect), so they start in about a second where ``ProcessPoolTaskRunner``'s
-    took ~11 s on 2 cores, and they send nothing to the API server. ``spawn``: the flow process has threads.
+    took ~11 s on 2 cores, and they send nothing to the API server. Also for ``workers=1``: in the flow
+    process the work would share the GIL with Prefect's own threads (engine, logging, API client) --
+    measured 0.98 vs 1.25-1.47 MB/s on the 128 MB benchmark. ``spawn``: the flow process has threads.
     """
     global _WORKERS
-    if workers <= 1:
-        yield
-        return
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         _WORKERS = pool
         try:
