@@ -36,7 +36,7 @@ from distilflow.tasks.config import Config, ConfigError, require
 from distilflow.tasks.io import InputError, exists, expand_inputs, join, read_json, write_json
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # debug: the README's first command -- a few minutes on 2 CPU cores, tiny models, demo corpus
+    # debug: the README's first command -- under a minute on 2 idle CPU cores, tiny models, demo corpus
     "debug": {"max_seq_len": 64, "vocab_size": 2000, "teacher_config": "debug", "pretrain_steps": 300,
               "distill_steps": 200, "batch_size": 16, "pretrain_lr": 1e-3, "distill_lr": 1e-3,
               "eval_sequences": 2000, "fill_mask_rows": 200},

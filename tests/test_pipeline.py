@@ -71,7 +71,7 @@ def test_run_stage_reruns_downstream_of_a_changed_stage_and_clears_its_outputs(p
 
 @pytest.mark.slow
 def test_pipeline_end_to_end_debug_preset(prefect_test_harness_session, tmp_path):
-    """The README's first command (minutes on 2 CPU cores)."""
+    """The README's first command (under a minute on 2 idle CPU cores)."""
     from distilflow.flows.pipeline import pipeline_flow
 
     r = pipeline_flow(str(tmp_path / "demo"))

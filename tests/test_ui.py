@@ -66,7 +66,7 @@ def visible_text(dom: str) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", dom)))
 
 
-@pytest.mark.timeout(1800)  # the demo pipeline: ~3 min on 2 quiet cores, up to ~10 on a loaded machine
+@pytest.mark.timeout(1800)  # the demo pipeline: ~45 s on 2 idle cores, up to ~10 min on a loaded machine
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed: run scripts/ci-system-deps.sh")
 def test_ui_shows_the_demo_pipeline_run_and_its_reports(tmp_path):
     out_dir = tmp_path / "demo"
