@@ -243,7 +243,7 @@ def pipeline_flow(output: str, inputs: list[str] | None = None, heldout: list[st
     # 2. prepare training and held-out data (same tokenizer, same masking)
     msl = cfg.p("max_seq_len")
     data, held = join(output, "data"), join(output, "heldout")
-    prep = {"tokenizer": tok_path, "max_seq_len": msl, "seed": seed, "workers": workers}
+    prep = {"tokenizer": tok_path, "max_seq_len": msl, "seed": seed}  # not workers: same bytes for any count
     stages["prepare"] = run_stage(output, "prepare", {**prep, "inputs": train_files}, prepare_flow, train_files, data,
                                   tok_path, max_seq_len=msl, seed=seed, workers=workers, after=vocab, outputs=(data,))
     stages["prepare-heldout"] = run_stage(output, "prepare-heldout", {**prep, "inputs": held_files}, prepare_flow,
