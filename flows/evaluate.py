@@ -103,7 +103,7 @@ def evaluate_flow(model: str, tasks: list[str], output: str, teacher: str | None
     write_json(join(output, "config.json"), {"evaluation": cfg.to_dict(), "glue": glue.to_dict(),
                                             "squad": squad.to_dict()})
 
-    from distilflow.tasks.finetune import resolve_device
+    from distilflow.tasks.hf import resolve_device
 
     dev = resolve_device(device)
     tags = ["gpu"] if dev.type == "cuda" else []

@@ -162,12 +162,10 @@ def main() -> None:
         r = run_prepare(files, work / f"prep-{a.size_mb}mb-w{w}", w, a.tokenizer, a.rss)
         r["mb_s"] = nbytes / 1e6 / r["flow_seconds"]
         r["mb_s_per_worker"] = r["mb_s"] / w
-        r["ratio_per_core_vs_encode_batch"] = r["mb_s_per_worker"] / base_mbs
         runs.append(r)
         print(f"prepare --workers {w}: {r['mb_s']:.2f} MB/s ({r['flow_seconds']:.1f} s in the flow, "
-              f"{r['wall_seconds']:.1f} s wall incl. Prefect start); per core / encode_batch = "
-              f"{r['ratio_per_core_vs_encode_batch']:.2f}" + (f"; peak RSS {r['peak_rss_gib']:.2f} GiB" if a.rss else ""),
-              flush=True)
+              f"{r['wall_seconds']:.1f} s wall incl. Prefect start)"
+              + (f"; peak RSS {r['peak_rss_gib']:.2f} GiB" if a.rss else ""), flush=True)
     if not a.skip_baseline:
         # the machine's speed drifts (shared host): measure the baseline again after the prepare runs and
         # compare against the mean of both

@@ -25,8 +25,7 @@ import numpy as np
 import torch
 
 from distilflow.tasks.config import Config, require
-from distilflow.tasks.finetune import resolve_device
-from distilflow.tasks.hf import load_pretrained
+from distilflow.tasks.hf import load_pretrained, resolve_device
 from distilflow.tasks.masking import Vocab
 
 MASK = "[MASK]"

@@ -16,8 +16,7 @@ import torch
 
 from distilflow.tasks.batch_io import ErrorRow, InputRow, WindowResult, length_sorted_batches
 from distilflow.tasks.config import Config, require
-from distilflow.tasks.fill_mask import resolve_device
-from distilflow.tasks.hf import load_pretrained
+from distilflow.tasks.hf import load_pretrained, resolve_device
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from torch import nn
 
 from distilflow.tasks.batch_io import ErrorRow, InputRow, WindowResult, length_sorted_batches
 from distilflow.tasks.config import Config, require
-from distilflow.tasks.hf import load_pretrained
+from distilflow.tasks.hf import load_pretrained, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +88,6 @@ class FillMaskConfig(Config):
     def output_fingerprint(self) -> str:
         """Fields that change the outputs (batching, threads and device choice do not)."""
         return self.fingerprint(exclude=("batch_size", "window_rows", "threads", "device"))
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but no CUDA device is visible; use --device cpu/auto")
-    return torch.device(device)
 
 
 def normalize_masks(text: str, mask_token: str) -> str:

@@ -30,7 +30,7 @@ from distilflow.tasks import glue as glue_mod
 from distilflow.tasks import metrics as M
 from distilflow.tasks import squad as squad_mod
 from distilflow.tasks.config import Config, require
-from distilflow.tasks.hf import load_pretrained
+from distilflow.tasks.hf import load_pretrained, resolve_device
 from distilflow.tasks.io import write_json
 
 
@@ -82,14 +82,6 @@ SQUAD_DEFAULTS: dict[str, Any] = {"max_seq_len": 384, "learning_rate": 3e-5, "ba
 
 
 # -- plumbing --------------------------------------------------------------------------------------------
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r} but CUDA is not available; use --device cpu or auto")
-    return torch.device(device)
-
-
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -1,4 +1,4 @@
-"""Thread-safe ``from_pretrained`` for models.
+"""Thread-safe ``from_pretrained`` for models, and the ``--device`` rule every model job shares.
 
 transformers 5 loads a model by patching process-global state for the duration of the call
 (``torch.nn.init`` functions swapped for no-ops, weight tying switched off) and restoring it on exit.
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import threading
 from typing import Any, TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -28,3 +30,13 @@ def build_model(cls: type[T], config: Any) -> T:
     """``cls(config)`` (random init) under the same lock, so a concurrent load cannot no-op its init."""
     with _LOAD_LOCK:
         return cls(config)  # type: ignore[call-arg]
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when visible, else CPU; ``cpu`` / ``cuda`` / ``cuda:N`` as given, failing fast when CUDA
+    is asked for but not there."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {device} was requested but no CUDA device is visible; use --device cpu/auto")
+    return torch.device(device)

@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 from distilflow.tasks.config import Config, require
-from distilflow.tasks.finetune import autocast, resolve_device, show_progress
-from distilflow.tasks.hf import load_pretrained
+from distilflow.tasks.finetune import autocast, show_progress
+from distilflow.tasks.hf import load_pretrained, resolve_device
 from distilflow.tasks.io import exists, iter_parquet_batches, join, listdir
 from distilflow.tasks.masking import IGNORE_INDEX
 from distilflow.tasks.metrics import perplexity

@@ -28,8 +28,7 @@ from transformers.pipelines.document_question_answering import select_starts_end
 
 from distilflow.tasks.batch_io import ErrorRow, InputRow, WindowResult, length_sorted_batches
 from distilflow.tasks.config import Config, require
-from distilflow.tasks.fill_mask import resolve_device
-from distilflow.tasks.hf import load_pretrained
+from distilflow.tasks.hf import load_pretrained, resolve_device
 
 QA_SCHEMA = pa.schema([
     pa.field("row_id", pa.int64(), nullable=False),
