@@ -315,14 +315,16 @@ def _run_stages(fn: Any, name: str, pool_size: int, dask_address: str | None, da
                 **kwargs: Any) -> Any:
     """Run a stage body as a sub-flow: its tasks on the Dask cluster when one is named, else one task per
     unit on the default thread runner with the work in ``pool_size`` plain processes (``worker_processes``).
-    One pool for all the stages of a run: it starts once. ``memory://`` lives inside one process, so a
-    run on it does its work in this process instead."""
+    One pool for all the stages of a run: it starts once. One task thread more than there are processes:
+    the next unit is already queued in the pool while a task finishes its Prefect bookkeeping, so no
+    worker idles between units. ``memory://`` lives inside one process, so a run on it does its work in
+    this process instead."""
     if dask_address or dask_workers:
         return run_in_subflow(fn, name, make_task_runner(1, dask_address, dask_workers), **kwargs)
     urls = [kwargs.get("output", ""), *kwargs.get("inputs", [])]
     in_memory = any(str(u).startswith("memory://") for u in urls)
     with worker_processes(0 if in_memory else pool_size):
-        return run_in_subflow(fn, name, ThreadPoolTaskRunner(max_workers=max(1, pool_size)), **kwargs)
+        return run_in_subflow(fn, name, ThreadPoolTaskRunner(max_workers=pool_size + 1), **kwargs)
 
 
 def _hash(items: list[str]) -> str:

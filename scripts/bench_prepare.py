@@ -6,9 +6,10 @@
 The corpus is generated from the shared Gutenberg books (paragraphs shuffled with a fixed seed, written as
 several files). In the same run we measure the baseline -- ``Tokenizer.encode_batch`` on the same
 documents, one thread, and the same in N concurrent processes (the machine's own scaling ceiling) -- and
-``distilflow prepare`` (shard + pairs + mask, seq 128) per worker count, and
-print the ratios. ``--rss`` samples the resident memory of the whole process tree (CLI, Prefect server,
-workers) every 0.2 s and reports the peak.
+``distilflow prepare`` (shard + pairs + mask, seq 128) per worker count, and print the ratios: per core by
+wall clock (the target), and by CPU seconds -- of the data workers and of all processes -- as a cross-check
+that hypervisor steal (printed) and idle waits do not enter. ``--rss`` reports the peak resident memory of the
+whole process tree (CLI, Prefect server, workers), sampled every 0.2 s.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import argparse
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -54,24 +57,34 @@ def make_corpus(out: Path, size_mb: int, n_files: int, seed: int = 0) -> list[st
     return [str(f) for f in files]
 
 
-def baseline_encode(files: list[str], tokenizer: str) -> tuple[float, int]:
-    """Raw tokenizers throughput (MB/s) on the same documents, one thread; returns (MB/s, bytes)."""
+def baseline_encode(files: list[str], tokenizer: str) -> tuple[float, int, float]:
+    """Raw tokenizers throughput on the same documents, one thread; returns (MB/s, bytes, CPU s per MB)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(os.path.join(tokenizer, "tokenizer.json"))
-    total_bytes, total_s = 0, 0.0
+    total_bytes, total_s, total_cpu = 0, 0.0, 0.0
     for f in files:
         text = Path(f).read_text(encoding="utf-8")
         docs = [re.sub(r"\s+", " ", d).strip() for d in text.split("\n\n") if d.strip()]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         for i in range(0, len(docs), 1000):
             tok.encode_batch(docs[i: i + 1000], add_special_tokens=False)
         total_s += time.perf_counter() - t
+        total_cpu += time.process_time() - c
         total_bytes += len(text.encode())
-    return total_bytes / total_s / 1e6, total_bytes
+    return total_bytes / total_s / 1e6, total_bytes, total_cpu / (total_bytes / 1e6)
 
 
-def _encode_share(args: tuple[list[str], str]) -> float:
+def steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests so far (all cores; /proc/stat "steal"), in seconds."""
+    try:
+        with open("/proc/stat") as f:
+            return int(f.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def _encode_share(args: tuple[list[str], str]) -> int:
     return baseline_encode(*args)[1]
 
 
@@ -91,35 +104,52 @@ def run_prepare(inputs: list[str], out: Path, workers: int, tokenizer: str, rss:
     cmd = [sys.executable, "-m", "distilflow.cli", "prepare", "--input", *inputs, "--output", str(out),
            "--tokenizer", tokenizer, "--max-seq-len", "128", "--workers", str(workers), "--overwrite"]
     env = {**os.environ, "DISTILFLOW_PROGRESS": "0", "TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}
-    t0 = time.perf_counter()
+    t0, steal0 = time.perf_counter(), steal_seconds()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0]
     per_process: dict[str, int] = {}
+    cpu_by_process: dict[str, float] = {}
 
     def sample() -> None:
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
                 procs = [root, *root.children(recursive=True)]
-                rss = {f"{p.pid} {_role(p)}": p.memory_info().rss for p in procs if p.is_running()}
-                peak[0] = max(peak[0], sum(rss.values()))
-                for k, v in rss.items():
-                    per_process[k] = max(per_process.get(k, 0), v)
+                for p in procs:
+                    with p.oneshot():
+                        key = f"{p.pid} {_role(p)}"
+                        t = p.cpu_times()
+                        cpu_by_process[key] = t.user + t.system
+                        per_process[key] = max(per_process.get(key, 0), p.memory_info().rss)
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in procs if p.is_running()))
             except psutil.Error:
                 pass
             time.sleep(0.2)
 
     th = threading.Thread(target=sample, daemon=True)
-    if rss:
-        th.start()
+    th.start()
     output = proc.communicate()[0]
     wall = time.perf_counter() - t0
+    # CPU time of the whole process tree (CLI + flow, worker processes, Prefect's temporary server):
+    # terminated descendants that were waited for are summed into RUSAGE_CHILDREN.
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
+    steal = steal_seconds() - steal0
+    th.join()
     if proc.returncode != 0:
         raise SystemExit(f"prepare failed:\n{output[-4000:]}")
     m = re.search(r"prepared ([\d.]+) MB .* in ([\d.]+) s", output)
     flow_s = float(m.group(2)) if m else wall
-    return {"workers": workers, "flow_seconds": flow_s, "wall_seconds": wall, "peak_rss_gib": peak[0] / 2**30,
-            "peak_rss_mib_by_process": {k: round(v / 2**20) for k, v in sorted(per_process.items())}}
+    # the data workers' own CPU (sampled every 0.2 s: the last fraction of a second is missed)
+    worker_cpu = sum(v for k, v in cpu_by_process.items() if k.endswith(" worker"))
+    result: dict[str, Any] = {"workers": workers, "flow_seconds": flow_s, "wall_seconds": wall,
+                              "cpu_seconds_all_processes": cpu_s, "cpu_seconds_worker_processes": worker_cpu,
+                              "steal_seconds": steal}
+    if rss:
+        result["peak_rss_gib"] = peak[0] / 2**30
+        result["peak_rss_mib_by_process"] = {k: round(v / 2**20) for k, v in sorted(per_process.items())}
+    return result
 
 
 def _role(p: psutil.Process) -> str:
@@ -146,10 +176,12 @@ def main() -> None:
     results = {"size_mb": a.size_mb, "files": a.files, "cpus": os.cpu_count()}
     os.environ["RAYON_NUM_THREADS"] = "1"
     if a.skip_baseline:
-        base_mbs, nbytes = float("nan"), sum(os.path.getsize(f) for f in files)
+        base_mbs, nbytes, base_cpu = float("nan"), sum(os.path.getsize(f) for f in files), float("nan")
     else:
-        base_mbs, nbytes = baseline_encode(files, a.tokenizer)
-        print(f"baseline: tokenizers encode_batch, 1 thread: {base_mbs:.2f} MB/s on {nbytes / 1e6:.0f} MB", flush=True)
+        steal0 = steal_seconds()
+        base_mbs, nbytes, base_cpu = baseline_encode(files, a.tokenizer)
+        print(f"baseline: tokenizers encode_batch, 1 thread: {base_mbs:.2f} MB/s on {nbytes / 1e6:.0f} MB "
+              f"({base_cpu:.2f} CPU s/MB; steal {steal_seconds() - steal0:.0f} s)", flush=True)
     results["baseline_encode_batch_mb_s_1_thread"] = round(base_mbs, 3)
     n_max = max(a.workers)
     if not a.skip_baseline and n_max > 1:
@@ -162,20 +194,33 @@ def main() -> None:
         r = run_prepare(files, work / f"prep-{a.size_mb}mb-w{w}", w, a.tokenizer, a.rss)
         r["mb_s"] = nbytes / 1e6 / r["flow_seconds"]
         r["mb_s_per_worker"] = r["mb_s"] / w
+        r["cpu_s_per_mb"] = r["cpu_seconds_all_processes"] / (nbytes / 1e6)
+        r["worker_cpu_s_per_mb"] = r["cpu_seconds_worker_processes"] / (nbytes / 1e6)
         runs.append(r)
         print(f"prepare --workers {w}: {r['mb_s']:.2f} MB/s ({r['flow_seconds']:.1f} s in the flow, "
-              f"{r['wall_seconds']:.1f} s wall incl. Prefect start)"
+              f"{r['wall_seconds']:.1f} s wall incl. Prefect start; CPU s/MB: {r['worker_cpu_s_per_mb']:.2f} in the "
+              f"data workers, {r['cpu_s_per_mb']:.2f} in all processes; steal {r['steal_seconds']:.0f} s)"
               + (f"; peak RSS {r['peak_rss_gib']:.2f} GiB" if a.rss else ""), flush=True)
     if not a.skip_baseline:
         # the machine's speed drifts (shared host): measure the baseline again after the prepare runs and
         # compare against the mean of both
-        after_mbs, _ = baseline_encode(files, a.tokenizer)
+        after_mbs, _, after_cpu = baseline_encode(files, a.tokenizer)
         base_mean = (base_mbs + after_mbs) / 2
+        cpu_mean = (base_cpu + after_cpu) / 2
         results["baseline_encode_batch_mb_s_1_thread_after"] = round(after_mbs, 3)
-        print(f"baseline again after the runs: {after_mbs:.2f} MB/s; ratios against the mean {base_mean:.2f}:")
+        results["baseline_cpu_s_per_mb"] = round(cpu_mean, 3)
+        print(f"baseline again after the runs: {after_mbs:.2f} MB/s ({after_cpu:.2f} CPU s/MB); "
+              f"ratios against the mean {base_mean:.2f} MB/s ({cpu_mean:.2f} CPU s/MB):")
         for r in runs:
             r["ratio_per_core_vs_encode_batch"] = r["mb_s_per_worker"] / base_mean
-            print(f"  --workers {r['workers']}: per core / encode_batch = {r['ratio_per_core_vs_encode_batch']:.2f}")
+            # Cross-checks by CPU seconds instead of wall time (steal and idle waits drop out): of the data
+            # workers (the pipeline's own efficiency), and of all processes (Prefect's start-up, server
+            # and flow process included).
+            r["ratio_worker_cpu_vs_encode_batch"] = cpu_mean / r["worker_cpu_s_per_mb"]
+            r["ratio_all_cpu_vs_encode_batch"] = cpu_mean / r["cpu_s_per_mb"]
+            print(f"  --workers {r['workers']}: per core / encode_batch = {r['ratio_per_core_vs_encode_batch']:.2f} "
+                  f"(wall clock); by CPU time: {r['ratio_worker_cpu_vs_encode_batch']:.2f} (data workers), "
+                  f"{r['ratio_all_cpu_vs_encode_batch']:.2f} (all processes)")
     if len(runs) > 1:
         results["speedup"] = runs[-1]["mb_s"] / runs[0]["mb_s"]
         ceiling = results.get("machine_ceiling_speedup")

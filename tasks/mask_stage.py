@@ -79,14 +79,16 @@ def mask_batch(batch: pa.RecordBatch, vocab: Vocab, cfg: MaskConfig, rng: np.ran
     values = ids_col.values.to_numpy()[offsets[0]: offsets[-1]]
     offsets = offsets - offsets[0]
     masked, labels = mask_flat(values, offsets, vocab, cfg, rng, weights)
-    sel = labels != IGNORE_INDEX
+    sel = np.flatnonzero(labels != IGNORE_INDEX)
+    now, before = masked[sel], values[sel]
+    as_mask, unchanged = int((now == vocab.mask_id).sum()), int((now == before).sum())
     counts["sequences"] += len(offsets) - 1
     counts["tokens"] += len(values)
-    counts["candidates"] += int((~vocab.is_special[values]).sum())
-    counts["selected"] += int(sel.sum())
-    counts["as_mask"] += int((masked[sel] == vocab.mask_id).sum())
-    counts["unchanged"] += int((masked[sel] == values[sel]).sum())
-    counts["random"] += int(((masked[sel] != vocab.mask_id) & (masked[sel] != values[sel])).sum())
+    counts["candidates"] += len(values) - int(vocab.is_special[values].sum())
+    counts["selected"] += len(sel)
+    counts["as_mask"] += as_mask
+    counts["unchanged"] += unchanged
+    counts["random"] += len(sel) - as_mask - unchanged  # [MASK] is special: never an original token
     off32 = pa.array(offsets.astype(np.int32))
     return pa.Table.from_arrays(
         [

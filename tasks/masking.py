@@ -127,32 +127,39 @@ def mask_flat(
         prev_is_cand_same_seq[1:] = (cand_pos[1:] == cand_pos[:-1] + 1) & (cand_seq[1:] == cand_seq[:-1])
         starts = ~(vocab.is_continuation[ids[cand_pos]] & prev_is_cand_same_seq)
         unit_of_cand = np.cumsum(starts) - 1  # [C] unit index of each candidate
-    else:
-        starts = np.ones(len(cand_pos), dtype=bool)
-        unit_of_cand = np.arange(len(cand_pos))
-    unit_first = np.flatnonzero(starts)  # [U] candidate index of each unit's first piece
-    unit_size = np.diff(np.append(unit_first, len(cand_pos)))  # [U]
-    unit_seq = cand_seq[unit_first]  # [U]
+        unit_first = np.flatnonzero(starts)  # [U] candidate index of each unit's first piece
+        unit_seq = cand_seq[unit_first]  # [U]
+    else:  # every candidate is its own unit
+        unit_first = None
+        unit_seq = cand_seq
+    n_units = len(unit_seq)
 
-    # Random priority per unit (Efraimidis-Spirakis key log(u)/w; uniform when w = 1).
-    u = rng.random(len(unit_first))
-    key = np.log(np.maximum(u, 1e-300))
-    if weights is not None:
-        key = key / weights[ids[cand_pos[unit_first]]]
-    # Order units by sequence, then by descending key; take units while the budget allows.
-    order = np.lexsort((-key, unit_seq))
-    sizes_sorted = unit_size[order]
-    seq_sorted = unit_seq[order]
-    if cfg.whole_word:
-        take_sorted = _take_within_budget(seq_sorted, sizes_sorted, budget)
+    # Random priority per unit, as an integer where smaller = drawn first: Efraimidis-Spirakis keys
+    # log(u)/w ranked descending; with uniform weights that is simply descending u.
+    u = rng.random(n_units)
+    prio_bits = 62 - n_seq.bit_length()  # (sequence << prio_bits) | priority fits in an int64
+    if weights is None:
+        prio = ((1.0 - u) * float(1 << prio_bits)).astype(np.int64)
     else:
-        # rank within the sequence < budget
-        seq_start = np.searchsorted(seq_sorted, np.arange(n_seq))
-        rank = np.arange(len(order)) - seq_start[seq_sorted]
-        take_sorted = rank < budget[seq_sorted]
-    take_unit = np.zeros(len(unit_first), dtype=bool)
+        if n_units >= 1 << prio_bits:
+            raise ValueError(f"mask_flat: batch too large ({n_units} units in {n_seq} sequences)")
+        key = np.log(np.maximum(u, 1e-300)) / weights[ids[cand_pos if unit_first is None else cand_pos[unit_first]]]
+        prio = np.empty(n_units, dtype=np.int64)
+        prio[np.argsort(-key)] = np.arange(n_units)
+    # Units ordered by sequence, then by priority. (np.lexsort((-key, unit_seq)) does the same ~6x
+    # slower; numpy sorts int64 with SIMD.) unit_seq is non-decreasing, so unit_seq[j] is also the
+    # sequence of the j-th unit in this order.
+    order = np.argsort((unit_seq.astype(np.int64) << prio_bits) | prio)
+    if unit_first is not None:
+        unit_size = np.diff(np.append(unit_first, len(cand_pos)))  # [U] pieces per word
+        take_sorted = _take_within_budget(unit_seq, unit_size[order], budget)
+    else:
+        # take the first ``budget`` units of each sequence
+        seq_first = np.cumsum(n_cand) - n_cand  # [n_seq] index of the sequence's first unit
+        take_sorted = np.arange(n_units) - seq_first[unit_seq] < budget[unit_seq]
+    take_unit = np.zeros(n_units, dtype=bool)
     take_unit[order[take_sorted]] = True
-    sel = cand_pos[take_unit[unit_of_cand]]  # [S] selected token positions, ascending
+    sel = cand_pos[take_unit if unit_first is None else take_unit[unit_of_cand]]  # [S] ascending positions
 
     labels[sel] = ids[sel]
     # 80 / 10 / 10 decision per selected token.

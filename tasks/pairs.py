@@ -23,7 +23,9 @@ borrows from the next part. ``--no-nsp`` writes DistilBERT/RoBERTa-style single 
 from __future__ import annotations
 
 import hashlib
-import itertools
+import json
+import re
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
@@ -62,11 +64,16 @@ class PairsConfig(Config):
     # True: a one-sentence chunk may be split into A|B (label 0) so labels stay 50/50 on corpora of
     # short documents; False: BERT's exact rule (always a random B, label 1).
     balance_single_sentence: bool = True
+    # The random stream's use changed in version 2 (block draws); part of the fingerprint, so an output
+    # folder written by another version is refused on resume instead of mixing parts of both.
+    algorithm_version: int = 2
 
     def check(self) -> None:
         n = type(self).__name__
         require(8 <= self.max_seq_len <= 65536, n, "max_seq_len", f"must be in [8, 65536], got {self.max_seq_len}")
         require(0.0 <= self.short_seq_prob <= 1.0, n, "short_seq_prob", f"must be in [0, 1], got {self.short_seq_prob}")
+        require(self.algorithm_version == 2, n, "algorithm_version",
+                f"this version of distilflow builds pairs with algorithm 2, not {self.algorithm_version}")
 
 
 # -- tokenizer --------------------------------------------------------------------------------------
@@ -87,7 +94,6 @@ def _tokenizer_class(path: str):
 
     ``AutoTokenizer`` imports torch (~270 MB per process); worker processes of the data stages only need
     the tokenizer, so the class is looked up directly when the folder says what it is."""
-    import json
     import os
 
     import transformers
@@ -112,8 +118,6 @@ def _tokenizer_class(path: str):
 def tokenizer_sha256(path: str) -> str:
     """Hash of what determines the ids (the tokenizer pipeline and special tokens), not of the file
     bytes: a tokenizer re-saved with ``save_pretrained`` hashes the same as its source."""
-    import json
-
     tok = load_tokenizer(path)
     spec = json.loads(tok.backend_tokenizer.to_str())
     spec.pop("truncation", None)
@@ -127,15 +131,28 @@ def encode_sentences(tok, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]
     backend = tok.backend_tokenizer
     backend.no_truncation()
     backend.no_padding()
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    fast = _ascii_fast_path(tok)
     chunks: list[np.ndarray] = []
     lengths: list[np.ndarray] = []
     for i in range(0, len(sentences), ENCODE_BATCH):
-        # per batch straight to numpy: a part's ids never exist as one big list of Python ints
-        ids = [e.ids for e in encode(sentences[i: i + ENCODE_BATCH], add_special_tokens=False)]
-        lens = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-        chunks.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lens.sum())))
-        lengths.append(lens)
+        batch = sentences[i: i + ENCODE_BATCH]
+        if fast is None:
+            ids = [e.ids for e in _encode(backend, batch)]
+        else:
+            fast_backend, lower, added = fast
+            easy = [s.isascii() and s.isprintable() and not added.search(s) for s in batch]
+            ids = [None] * len(batch)
+            rest = [j for j, ok in enumerate(easy) if not ok]
+            todo = [s.lower() if lower else s for s, ok in zip(batch, easy, strict=True) if ok]
+            for j, e in zip((j for j, ok in enumerate(easy) if ok), _encode(fast_backend, todo), strict=True):
+                ids[j] = e.ids
+            for j, e in zip(rest, _encode(backend, [batch[j] for j in rest]), strict=True):
+                ids[j] = e.ids
+        # per batch straight to Arrow (its list conversion runs in C++): a part's ids never exist as
+        # one big list of Python ints
+        arr = pa.array(ids, pa.list_(pa.int32()))
+        chunks.append(arr.values.to_numpy())
+        lengths.append(np.diff(arr.offsets.to_numpy()))
     all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
     offsets = np.zeros(len(all_lengths) + 1, dtype=np.int64)
     np.cumsum(all_lengths, out=offsets[1:])
@@ -143,9 +160,47 @@ def encode_sentences(tok, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]
     return flat, offsets
 
 
+def _encode(backend, texts: list[str]) -> list:
+    if not texts:
+        return []
+    return getattr(backend, "encode_batch_fast", backend.encode_batch)(texts, add_special_tokens=False)
+
+
+_FAST_PATHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _ascii_fast_path(tok):
+    """``(backend without normalizer, lowercase, added-token regex)`` when the normalizer is BERT's, else None.
+
+    On printable ASCII text ``BertNormalizer`` is exactly ``str.lower()`` (identity when not lowercasing):
+    clean_text drops control characters and maps whitespace to " " (printable ASCII has neither, besides
+    " "); accent stripping (NFD, drop combining marks) and CJK spacing change nothing. Python's ``lower``
+    is ~1000x faster than the normalizer's alignment-tracking pass, so such sentences (nearly all of an
+    English corpus) tokenize ~1.5x faster with the same ids; everything else (non-ASCII, control
+    characters, text containing an added token such as ``[MASK]``, matched case-insensitively to be safe)
+    goes through the full tokenizer. Tests compare both paths with the Hugging Face tokenizer."""
+    if tok in _FAST_PATHS:
+        return _FAST_PATHS[tok]
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    norm = spec.get("normalizer") or {}
+    plan = None
+    if norm.get("type") == "BertNormalizer":
+        fast = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+        fast.normalizer = None
+        fast.no_truncation()
+        fast.no_padding()
+        added = [t["content"] for t in spec.get("added_tokens", [])] or ["\x00"]
+        plan = (fast, bool(norm.get("lowercase")), re.compile("|".join(map(re.escape, added)), re.IGNORECASE))
+    _FAST_PATHS[tok] = plan
+    return plan
+
+
 # -- documents ---------------------------------------------------------------------------------------
 class TokenizedPart:
-    """One corpus part, tokenized: document d has sentences ``doc_sents[d]`` (indices into offsets)."""
+    """One corpus part, tokenized: document d has sentences ``doc_sents[d]`` (indices into offsets).
+    Sentence s is ``flat[offsets[s]:offsets[s + 1]]``; the sentences of a document are contiguous."""
 
     def __init__(self, source: str | pa.Table, tok):
         table = read_parquet(source, columns=["doc_id", "sentences"]) if isinstance(source, str) else source
@@ -156,43 +211,28 @@ class TokenizedPart:
         lengths = np.diff(self.offsets)
         self.empty_sentences = int((lengths == 0).sum())
         # Sentences that tokenize to nothing (e.g. only control characters) are dropped.
-        self.doc_sents = [
-            [int(i) for i in range(doc_offsets[d], doc_offsets[d + 1]) if lengths[i] > 0]
-            for d in range(len(self.doc_ids))
-        ]
+        keep = np.flatnonzero(lengths > 0)
+        bounds = np.searchsorted(keep, doc_offsets).tolist()
+        kept = keep.tolist()
+        self.doc_sents = [kept[bounds[d]: bounds[d + 1]] for d in range(len(self.doc_ids))]
+        # Python ints for the per-instance loop of make_pairs (numpy scalars are ~10x slower there)
+        self.starts: list[int] = self.offsets.tolist()
 
     def tokens(self, sent: int) -> np.ndarray:
         return self.flat[self.offsets[sent]: self.offsets[sent + 1]]
 
-    def length(self, sent: int) -> int:
-        return int(self.offsets[sent + 1] - self.offsets[sent])
 
-
-@dataclass
-class _Segment:
-    """Tokens of consecutive sentences ``[first, last]`` of one document of one part."""
-
-    part: TokenizedPart
-    sents: list[int]
-
-    def tokens(self) -> np.ndarray:
-        if not self.sents:
-            return np.zeros(0, dtype=np.int32)
-        lo, hi = self.part.offsets[self.sents[0]], self.part.offsets[self.sents[-1] + 1]
-        return self.part.flat[lo:hi]  # consecutive sentences are contiguous in ``flat``
-
-
-def truncate_pair(a: np.ndarray, b: np.ndarray, max_tokens: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
-    """BERT's truncate_seq_pair in closed form. Returns (a, b, tokens removed).
+def truncate_cuts(la: int, lb: int, max_tokens: int, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """BERT's truncate_seq_pair in closed form: tokens to cut from (A's front, A's back, B's front,
+    B's back) so that ``la + lb <= max_tokens``.
 
     BERT removes one token at a time from the longer segment (B on ties), front or back with a coin
-    flip. Equivalently: the longer segment first loses ``|len(a)-len(b)|`` tokens, then the remaining
+    flip. Equivalently: the longer segment first loses ``|la - lb|`` tokens, then the remaining
     removals alternate B, A, B, ...; each segment's front/back split is Binomial(k, 1/2).
     """
-    la, lb = len(a), len(b)
     excess = la + lb - max_tokens
     if excess <= 0:
-        return a, b, 0
+        return 0, 0, 0, 0
     ka = kb = 0
     diff = min(abs(la - lb), excess)
     if la > lb:
@@ -204,41 +244,55 @@ def truncate_pair(a: np.ndarray, b: np.ndarray, max_tokens: int, rng: np.random.
     ka += rest // 2
     fa = int(rng.binomial(ka, 0.5)) if ka else 0
     fb = int(rng.binomial(kb, 0.5)) if kb else 0
-    return a[fa: la - (ka - fa)], b[fb: lb - (kb - fb)], excess
+    return fa, ka - fa, fb, kb - fb
 
 
 class PartPairs:
-    """Accumulates instances of one part as flat arrays (no per-token Python objects)."""
+    """The instances of one part as token *ranges* into a flat id array; :meth:`table` assembles all
+    sequences at once with numpy (no per-instance arrays)."""
 
-    def __init__(self) -> None:
-        self.ids: list[np.ndarray] = []
-        self.types: list[np.ndarray] = []
+    def __init__(self, flat: np.ndarray, cls_id: int, sep_id: int) -> None:
+        self.flat, self.cls_id, self.sep_id = flat, cls_id, sep_id
+        self.a_lo: list[int] = []
+        self.a_hi: list[int] = []
+        self.b_lo: list[int] = []  # -1: no B (single segment ``[CLS] S [SEP]``)
+        self.b_hi: list[int] = []
         self.labels: list[int] = []
         self.doc_ids: list[str] = []
 
-    def add(self, cls_id: int, sep_id: int, a: np.ndarray, b: np.ndarray | None, label: int, doc_id: str) -> None:
-        if b is None:
-            seq = np.concatenate(([cls_id], a, [sep_id])).astype(np.int32)
-            types = np.zeros(len(seq), dtype=np.int8)
-        else:
-            seq = np.concatenate(([cls_id], a, [sep_id], b, [sep_id])).astype(np.int32)
-            types = np.zeros(len(seq), dtype=np.int8)
-            types[len(a) + 2:] = 1  # 0 through the first [SEP], 1 after
-        self.ids.append(seq)
-        self.types.append(types)
+    def add(self, a_lo: int, a_hi: int, b_lo: int, b_hi: int, label: int, doc_id: str) -> None:
+        self.a_lo.append(a_lo)
+        self.a_hi.append(a_hi)
+        self.b_lo.append(b_lo)
+        self.b_hi.append(b_hi)
         self.labels.append(label)
         self.doc_ids.append(doc_id)
 
+    def __len__(self) -> int:
+        return len(self.labels)
+
     def table(self) -> pa.Table:
-        lengths = np.fromiter((len(x) for x in self.ids), dtype=np.int64, count=len(self.ids))
-        offsets = np.zeros(len(self.ids) + 1, dtype=np.int32)
-        np.cumsum(lengths, out=offsets[1:])
-        flat_ids = np.concatenate(self.ids) if self.ids else np.zeros(0, dtype=np.int32)
-        flat_types = np.concatenate(self.types) if self.types else np.zeros(0, dtype=np.int8)
+        a_lo = np.asarray(self.a_lo, dtype=np.int64)
+        la = np.asarray(self.a_hi, dtype=np.int64) - a_lo  # [n]
+        b_lo = np.asarray(self.b_lo, dtype=np.int64)
+        has_b = b_lo >= 0
+        lb = np.where(has_b, np.asarray(self.b_hi, dtype=np.int64) - b_lo, 0)  # [n]
+        # [CLS] A [SEP] (B [SEP]): every position not written below is a [SEP]
+        seq_len = la + 2 + np.where(has_b, lb + 1, 0)
+        offsets = np.zeros(len(la) + 1, dtype=np.int64)
+        np.cumsum(seq_len, out=offsets[1:])
+        start = offsets[:-1]
+        ids = np.full(int(offsets[-1]), self.sep_id, dtype=np.int32)
+        ids[start] = self.cls_id
+        ids[_ranges(start + 1, la)] = self.flat[_ranges(a_lo, la)]
+        ids[_ranges(start + la + 2, lb)] = self.flat[_ranges(b_lo, lb)]
+        types = np.zeros(len(ids), dtype=np.int8)
+        types[_ranges(start + la + 2, np.where(has_b, lb + 1, 0))] = 1  # 1 after the first [SEP]
+        off32 = pa.array(offsets.astype(np.int32))
         return pa.Table.from_arrays(
             [
-                pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_ids, pa.int32())),
-                pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_types, pa.int8())),
+                pa.ListArray.from_arrays(off32, pa.array(ids, pa.int32())),
+                pa.ListArray.from_arrays(off32, pa.array(types, pa.int8())),
                 pa.array(np.asarray(self.labels, dtype=np.int8), pa.int8()),
                 pa.array(self.doc_ids, pa.string()),
             ],
@@ -246,108 +300,143 @@ class PartPairs:
         )
 
 
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Concatenated ``arange(s, s + n)`` for each (s, n), without a Python loop."""
+    total = int(lengths.sum())
+    first = np.cumsum(lengths) - lengths  # where each range begins in the output
+    return np.arange(total, dtype=np.int64) + np.repeat(starts - first, lengths)
+
+
 def make_pairs(part: TokenizedPart, cfg: PairsConfig, rng: np.random.Generator, cls_id: int, sep_id: int,
                borrow: TokenizedPart | None = None) -> tuple[PartPairs, Counter[str]]:
     """All instances of one tokenized part (see the module docstring for the algorithm)."""
-    out = PartPairs()
+    # A B borrowed from the next part indexes its tokens after this part's (shifted by len(part.flat)).
+    out = PartPairs(part.flat if borrow is None else np.concatenate([part.flat, borrow.flat]), cls_id, sep_id)
     counts: Counter[str] = Counter()
+    draw = Uniforms(rng)
     docs = [d for d in range(len(part.doc_ids)) if part.doc_sents[d]]
     counts["empty_documents"] += len(part.doc_ids) - len(docs)
     if not cfg.nsp:
         for d in docs:
-            _contiguous_segments(part, d, cfg, rng, out, counts, cls_id, sep_id)
+            _contiguous_segments(part, d, cfg, draw, out, counts)
         return out, counts
 
+    starts = part.starts
     max_tokens = cfg.max_seq_len - 3
     for pos, d in enumerate(docs):
         sents = part.doc_sents[d]
         target = max_tokens
-        if rng.random() < cfg.short_seq_prob:
-            target = int(rng.integers(2, max_tokens + 1))
-        chunk: list[int] = []
-        chunk_len = 0
+        if draw.random() < cfg.short_seq_prob:
+            target = draw.integers(2, max_tokens + 1)
+        first = 0  # the chunk is sents[first:i + 1]: consecutive sentences, contiguous tokens
         i = 0
         while i < len(sents):
-            chunk.append(sents[i])
-            chunk_len += part.length(sents[i])
-            if i == len(sents) - 1 or chunk_len >= target:
-                a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
-                a = _Segment(part, chunk[:a_end]).tokens()
-                single = len(chunk) == 1
-                split_single = single and cfg.balance_single_sentence and len(a) >= 2
-                if (single and not split_single) or rng.random() < 0.5:
+            chunk_lo = starts[sents[first]]
+            if i == len(sents) - 1 or starts[sents[i] + 1] - chunk_lo >= target:
+                n_chunk = i + 1 - first
+                a_end = first + (draw.integers(1, n_chunk) if n_chunk >= 2 else 1)  # A = sents[first:a_end]
+                a_lo, a_hi = chunk_lo, starts[sents[a_end - 1] + 1]
+                single = n_chunk == 1
+                split_single = single and cfg.balance_single_sentence and a_hi - a_lo >= 2
+                if (single and not split_single) or draw.random() < 0.5:
                     label = 1
-                    b = _random_b(part, pos, docs, borrow, target - len(a), rng, counts)
-                    i -= len(chunk) - a_end  # put the unused sentences back
+                    b_lo, b_hi = _random_b(part, pos, docs, borrow, target - (a_hi - a_lo), draw, counts)
+                    i = a_end - 1  # put the unused sentences back
                 elif split_single:
                     # A one-sentence chunk: BERT would force a random B (label 1), which skews labels
                     # towards 1 on corpora of short documents. Split the sentence instead: B is still
                     # the text that really follows A.
                     label = 0
-                    whole = a
-                    cut = int(rng.integers(1, len(whole)))
-                    a, b = whole[:cut], whole[cut:]
+                    cut = a_lo + draw.integers(1, a_hi - a_lo)
+                    a_hi, b_lo, b_hi = cut, cut, a_hi
                     counts["label_0_split_sentence"] += 1
                 else:
                     label = 0
-                    b = _Segment(part, chunk[a_end:]).tokens()
-                a, b, removed = truncate_pair(a, b, max_tokens, rng)
+                    b_lo, b_hi = a_hi, starts[sents[i] + 1]
+                fa, ba, fb, bb = truncate_cuts(a_hi - a_lo, b_hi - b_lo, max_tokens, rng)
+                removed = fa + ba + fb + bb
                 counts["truncated_pairs"] += removed > 0
                 counts["truncated_tokens"] += removed
-                out.add(cls_id, sep_id, a, b, label, part.doc_ids[d])
+                out.add(a_lo + fa, a_hi - ba, b_lo + fb, b_hi - bb, label, part.doc_ids[d])
                 counts[f"label_{label}"] += 1
-                chunk, chunk_len = [], 0
+                first = i + 1
             i += 1
     return out, counts
 
 
+class Uniforms:
+    """Scalar draws from a numpy Generator, fetched in blocks: a scalar ``rng.integers`` call costs
+    microseconds, and pair building makes several per instance. Deterministic given the Generator."""
+
+    def __init__(self, rng: np.random.Generator, block: int = 4096):
+        self.rng, self.block = rng, block
+        self.buf: list[float] = []
+        self.pos = 0
+
+    def random(self) -> float:
+        """Uniform in [0, 1)."""
+        if self.pos == len(self.buf):
+            self.buf, self.pos = self.rng.random(self.block).tolist(), 0
+        self.pos += 1
+        return self.buf[self.pos - 1]
+
+    def integers(self, lo: int, hi: int) -> int:
+        """Uniform integer in [lo, hi) (hi > lo)."""
+        return lo + int(self.random() * (hi - lo))
+
+
 def _random_b(part: TokenizedPart, pos: int, docs: list[int], borrow: TokenizedPart | None, target_b: int,
-              rng: np.random.Generator, counts: Counter[str]) -> np.ndarray:
-    """Tokens of a random other document, from a random sentence on, until ``target_b`` tokens.
+              draw: Uniforms, counts: Counter[str]) -> tuple[int, int]:
+    """Token range of a random other document, from a random sentence on, until ``target_b`` tokens.
 
     ``docs[pos]`` is A's document; B's document is drawn uniformly from the others of this part."""
-    src = part
+    src, shift = part, 0
     if len(docs) >= 2:
-        k = int(rng.integers(0, len(docs) - 1))
+        k = draw.integers(0, len(docs) - 1)
         other = docs[k + (k >= pos)]  # skip A's own document
     elif borrow is not None and any(borrow.doc_sents):
-        src = borrow
+        src, shift = borrow, len(part.flat)
         non_empty = [x for x in range(len(borrow.doc_ids)) if borrow.doc_sents[x]]
-        other = non_empty[int(rng.integers(0, len(non_empty)))]
+        other = non_empty[draw.integers(0, len(non_empty))]
         counts["random_b_from_next_part"] += 1
     else:  # the whole corpus is one document: BERT then also falls back to the same document
         other = docs[pos]
         counts["random_b_from_same_document"] += 1
     sents = src.doc_sents[other]
-    start = int(rng.integers(0, len(sents)))
-    taken: list[int] = []
-    length = 0
+    start = draw.integers(0, len(sents))
+    lo = src.starts[sents[start]]
+    hi = lo
     for s in sents[start:]:
-        taken.append(s)
-        length += src.length(s)
-        if length >= target_b:
+        hi = src.starts[s + 1]
+        if hi - lo >= target_b:
             break
-    return _Segment(src, taken).tokens()
+    return lo + shift, hi + shift
 
 
-def _contiguous_segments(part: TokenizedPart, d: int, cfg: PairsConfig, rng: np.random.Generator,
-                         out: PartPairs, counts: Counter[str], cls_id: int, sep_id: int) -> None:
+def _contiguous_segments(part: TokenizedPart, d: int, cfg: PairsConfig, draw: Uniforms,
+                         out: PartPairs, counts: Counter[str]) -> None:
     """DistilBERT/RoBERTa style: pack consecutive sentences of the document into ``[CLS] S [SEP]``.
     A sentence longer than the budget is split across sequences (no text is dropped)."""
     max_tokens = cfg.max_seq_len - 2
     target = max_tokens
-    if rng.random() < cfg.short_seq_prob:
-        target = int(rng.integers(2, max_tokens + 1))
-    tokens = np.concatenate([part.tokens(s) for s in part.doc_sents[d]])
-    bounds = np.cumsum([part.length(s) for s in part.doc_sents[d]])  # sentence ends
-    start = 0
-    while start < len(tokens):
+    if draw.random() < cfg.short_seq_prob:
+        target = draw.integers(2, max_tokens + 1)
+    sents = part.doc_sents[d]
+    bounds = [part.starts[s + 1] for s in sents]  # sentence ends (the document's tokens are contiguous)
+    start, end_of_doc = part.starts[sents[0]], bounds[-1]
+    j = 0  # first sentence end after ``start``
+    while start < end_of_doc:
         # end at the last sentence boundary within the target; a sentence that is too long is split
         limit = start + target
-        fits = bounds[(bounds > start) & (bounds <= limit)]
-        end = int(fits[-1]) if len(fits) else min(limit, len(tokens))
-        counts["split_sentences"] += not len(fits)
-        out.add(cls_id, sep_id, tokens[start:end], None, NO_NSP_LABEL, part.doc_ids[d])
+        k = j
+        while k < len(bounds) and bounds[k] <= limit:
+            k += 1
+        if k > j:
+            end, j = bounds[k - 1], k
+        else:
+            end = min(limit, end_of_doc)
+            counts["split_sentences"] += 1
+        out.add(start, end, -1, -1, NO_NSP_LABEL, part.doc_ids[d])
         counts["segments"] += 1
         start = end
 
