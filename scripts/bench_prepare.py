@@ -185,10 +185,11 @@ def main() -> None:
     results["baseline_encode_batch_mb_s_1_thread"] = round(base_mbs, 3)
     n_max = max(a.workers)
     if not a.skip_baseline and n_max > 1:
+        steal0 = steal_seconds()
         par = baseline_encode_parallel(files, a.tokenizer, n_max)
         results["machine_ceiling_speedup"] = par / base_mbs
         print(f"baseline in {n_max} concurrent processes: {par:.2f} MB/s = {par / base_mbs:.2f}x one process "
-              "(what this machine allows)", flush=True)
+              f"(what this machine allows; steal {steal_seconds() - steal0:.0f} s)", flush=True)
     runs = []
     for w in a.workers:
         r = run_prepare(files, work / f"prep-{a.size_mb}mb-w{w}", w, a.tokenizer, a.rss)
