@@ -138,8 +138,8 @@ def mask_flat(
     # log(u)/w ranked descending; with uniform weights that is simply descending u.
     u = rng.random(n_units)
     prio_bits = 62 - n_seq.bit_length()  # (sequence << prio_bits) | priority fits in an int64
-    if weights is None:
-        prio = ((1.0 - u) * float(1 << prio_bits)).astype(np.int64)
+    if weights is None:  # u in [0, 1), so floor(u * 2**prio_bits) fits in prio_bits bits
+        prio = (1 << prio_bits) - 1 - (u * float(1 << prio_bits)).astype(np.int64)
     else:
         if n_units >= 1 << prio_bits:
             raise ValueError(f"mask_flat: batch too large ({n_units} units in {n_seq} sequences)")

@@ -141,12 +141,13 @@ def encode_sentences(tok, sentences: list[str]) -> tuple[np.ndarray, np.ndarray]
         else:
             fast_backend, lower, added = fast
             easy = [s.isascii() and s.isprintable() and not added.search(s) for s in batch]
+            on_fast = [j for j, ok in enumerate(easy) if ok]
+            on_full = [j for j, ok in enumerate(easy) if not ok]
             ids = [None] * len(batch)
-            rest = [j for j, ok in enumerate(easy) if not ok]
-            todo = [s.lower() if lower else s for s, ok in zip(batch, easy, strict=True) if ok]
-            for j, e in zip((j for j, ok in enumerate(easy) if ok), _encode(fast_backend, todo), strict=True):
+            texts = [batch[j].lower() if lower else batch[j] for j in on_fast]
+            for j, e in zip(on_fast, _encode(fast_backend, texts), strict=True):
                 ids[j] = e.ids
-            for j, e in zip(rest, _encode(backend, [batch[j] for j in rest]), strict=True):
+            for j, e in zip(on_full, _encode(backend, [batch[j] for j in on_full]), strict=True):
                 ids[j] = e.ids
         # per batch straight to Arrow (its list conversion runs in C++): a part's ids never exist as
         # one big list of Python ints
