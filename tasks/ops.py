@@ -64,18 +64,27 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
 
     Workers start flow runs as child processes; signalling the group stops those too.
     """
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+    stop_processes([proc], timeout)
+
+
+def stop_processes(procs: Sequence[subprocess.Popen], timeout: float = 15) -> None:
+    """:func:`stop_process` for several processes at once: all get SIGTERM together and share one
+    ``timeout``, so stopping N slow-to-exit processes takes ``timeout``, not N times it."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
         try:
-            proc.wait(timeout=timeout)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-    # the leader may be gone while children of the group still run
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+        # the leader may be gone while children of the group still run
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @dataclass
@@ -83,7 +92,8 @@ class Supervisor:
     """Start several long-running commands, each in its own process group with its own log file.
 
     ``wait()`` returns when any of them exits (or on Ctrl-C, via KeyboardInterrupt in the caller);
-    ``stop()`` ends all of them, last started first, so workers go down before the server.
+    ``stop()`` ends all of them: the ones started after the first (workers) together, then the first (the
+    server), so workers go down before the server.
     """
 
     log_dir: Path
@@ -110,9 +120,12 @@ class Supervisor:
                     return name, code
             time.sleep(poll)
 
-    def stop(self) -> None:
-        for name in reversed(list(self.procs)):
-            stop_process(self.procs[name])
+    def stop(self, timeout: float = 10) -> None:
+        """Stop everything started after the first process (the workers) together, then the first (the
+        server): at most ~2 x ``timeout`` whatever the number of workers."""
+        procs = list(self.procs.values())
+        stop_processes(procs[:0:-1], timeout)
+        stop_processes(procs[:1], timeout)
 
 
 def probe_storage(url: str) -> dict[str, Any]:
