@@ -131,6 +131,9 @@ def run_server(args: argparse.Namespace) -> int:
 
     sup = Supervisor(Path(args.log_dir))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    # Ctrl-C must stop everything even when started from a non-interactive shell's background job, which
+    # inherits SIGINT as ignored (Python then installs no KeyboardInterrupt handler).
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         cmd = [PREFECT_BIN, "server", "start", "--host", host, "--port", str(port)]
         cmd.append("--ui" if args.ui else "--no-ui")
@@ -176,6 +179,7 @@ def run_server(args: argparse.Namespace) -> int:
     finally:
         sup.stop()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def _worker_cmd(pool: str, name: str, limit: int | None) -> list[str]:
