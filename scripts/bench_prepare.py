@@ -115,14 +115,15 @@ def run_prepare(inputs: list[str], out: Path, workers: int, tokenizer: str, rss:
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                procs = [root, *root.children(recursive=True)]
-                for p in procs:
+                total = 0
+                for p in [root, *root.children(recursive=True)]:
                     with p.oneshot():
                         key = f"{p.pid} {_role(p)}"
-                        t = p.cpu_times()
-                        cpu_by_process[key] = t.user + t.system
-                        per_process[key] = max(per_process.get(key, 0), p.memory_info().rss)
-                peak[0] = max(peak[0], sum(p.memory_info().rss for p in procs if p.is_running()))
+                        t, mem = p.cpu_times(), p.memory_info().rss
+                    cpu_by_process[key] = t.user + t.system
+                    per_process[key] = max(per_process.get(key, 0), mem)
+                    total += mem
+                peak[0] = max(peak[0], total)
             except psutil.Error:
                 pass
             time.sleep(0.2)

@@ -208,16 +208,16 @@ class TokenizedPart:
         self.doc_ids: list[str] = table.column("doc_id").to_pylist()
         sents = table.column("sentences").combine_chunks()
         doc_offsets = sents.offsets.to_numpy().astype(np.int64)
-        self.flat, self.offsets = encode_sentences(tok, sents.values.to_pylist())
-        lengths = np.diff(self.offsets)
+        self.flat, offsets = encode_sentences(tok, sents.values.to_pylist())
+        lengths = np.diff(offsets)
         self.empty_sentences = int((lengths == 0).sum())
         # Sentences that tokenize to nothing (e.g. only control characters) are dropped.
         keep = np.flatnonzero(lengths > 0)
         bounds = np.searchsorted(keep, doc_offsets).tolist()
         kept = keep.tolist()
         self.doc_sents = [kept[bounds[d]: bounds[d + 1]] for d in range(len(self.doc_ids))]
-        # Python ints for the per-instance loop of make_pairs (numpy scalars are ~10x slower there)
-        self.starts: list[int] = self.offsets.tolist()
+        # Python ints: make_pairs reads them per instance (numpy scalars are ~10x slower there)
+        self.offsets: list[int] = offsets.tolist()
 
     def tokens(self, sent: int) -> np.ndarray:
         return self.flat[self.offsets[sent]: self.offsets[sent + 1]]
@@ -322,7 +322,7 @@ def make_pairs(part: TokenizedPart, cfg: PairsConfig, rng: np.random.Generator, 
             _contiguous_segments(part, d, cfg, draw, out, counts)
         return out, counts
 
-    starts = part.starts
+    offsets = part.offsets  # sentence s spans offsets[s]:offsets[s + 1] of out.flat
     max_tokens = cfg.max_seq_len - 3
     for pos, d in enumerate(docs):
         sents = part.doc_sents[d]
@@ -332,11 +332,11 @@ def make_pairs(part: TokenizedPart, cfg: PairsConfig, rng: np.random.Generator, 
         first = 0  # the chunk is sents[first:i + 1]: consecutive sentences, contiguous tokens
         i = 0
         while i < len(sents):
-            chunk_lo = starts[sents[first]]
-            if i == len(sents) - 1 or starts[sents[i] + 1] - chunk_lo >= target:
+            chunk_lo = offsets[sents[first]]
+            if i == len(sents) - 1 or offsets[sents[i] + 1] - chunk_lo >= target:
                 n_chunk = i + 1 - first
                 a_end = first + (draw.integers(1, n_chunk) if n_chunk >= 2 else 1)  # A = sents[first:a_end]
-                a_lo, a_hi = chunk_lo, starts[sents[a_end - 1] + 1]
+                a_lo, a_hi = chunk_lo, offsets[sents[a_end - 1] + 1]
                 single = n_chunk == 1
                 split_single = single and cfg.balance_single_sentence and a_hi - a_lo >= 2
                 if (single and not split_single) or draw.random() < 0.5:
@@ -353,7 +353,7 @@ def make_pairs(part: TokenizedPart, cfg: PairsConfig, rng: np.random.Generator, 
                     counts["label_0_split_sentence"] += 1
                 else:
                     label = 0
-                    b_lo, b_hi = a_hi, starts[sents[i] + 1]
+                    b_lo, b_hi = a_hi, offsets[sents[i] + 1]
                 fa, ba, fb, bb = truncate_cuts(a_hi - a_lo, b_hi - b_lo, max_tokens, rng)
                 removed = fa + ba + fb + bb
                 counts["truncated_pairs"] += removed > 0
@@ -405,10 +405,10 @@ def _random_b(part: TokenizedPart, pos: int, docs: list[int], borrow: TokenizedP
         counts["random_b_from_same_document"] += 1
     sents = src.doc_sents[other]
     start = draw.integers(0, len(sents))
-    lo = src.starts[sents[start]]
+    lo = src.offsets[sents[start]]
     hi = lo
     for s in sents[start:]:
-        hi = src.starts[s + 1]
+        hi = src.offsets[s + 1]
         if hi - lo >= target_b:
             break
     return lo + shift, hi + shift
@@ -423,8 +423,8 @@ def _contiguous_segments(part: TokenizedPart, d: int, cfg: PairsConfig, draw: Un
     if draw.random() < cfg.short_seq_prob:
         target = draw.integers(2, max_tokens + 1)
     sents = part.doc_sents[d]
-    bounds = [part.starts[s + 1] for s in sents]  # sentence ends (the document's tokens are contiguous)
-    start, end_of_doc = part.starts[sents[0]], bounds[-1]
+    bounds = [part.offsets[s + 1] for s in sents]  # sentence ends (the document's tokens are contiguous)
+    start, end_of_doc = part.offsets[sents[0]], bounds[-1]
     j = 0  # first sentence end after ``start``
     while start < end_of_doc:
         # end at the last sentence boundary within the target; a sentence that is too long is split
