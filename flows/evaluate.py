@@ -22,9 +22,13 @@ from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from distilflow.flows.common import make_task_runner, markdown_table, publish
-from distilflow.tasks.bias import completion_rows
-from distilflow.tasks.config import ConfigError
-from distilflow.tasks.evaluation import (
+from distilflow.tasks.core.config import ConfigError
+from distilflow.tasks.core.io import InputError, join, write_bytes, write_json
+from distilflow.tasks.core.stage import ResumeError
+from distilflow.tasks.evaluate.bias import completion_rows
+from distilflow.tasks.evaluate.finetune import SQUAD_DEFAULTS, FinetuneConfig
+from distilflow.tasks.evaluate.glue import TASKS as GLUE_TASKS
+from distilflow.tasks.evaluate.suite import (
     BENCHMARKS,
     REFERENCES,
     EvalConfig,
@@ -35,10 +39,6 @@ from distilflow.tasks.evaluation import (
     run_squad_task,
     summary_rows,
 )
-from distilflow.tasks.finetune import SQUAD_DEFAULTS, FinetuneConfig
-from distilflow.tasks.glue import TASKS as GLUE_TASKS
-from distilflow.tasks.io import InputError, join, write_bytes, write_json
-from distilflow.tasks.stage import ResumeError
 
 
 @task(name="evaluate-benchmark")
@@ -103,7 +103,7 @@ def evaluate_flow(model: str, tasks: list[str], output: str, teacher: str | None
     write_json(join(output, "config.json"), {"evaluation": cfg.to_dict(), "glue": glue.to_dict(),
                                             "squad": squad.to_dict()})
 
-    from distilflow.tasks.hf import resolve_device
+    from distilflow.tasks.core.hf import resolve_device
 
     dev = resolve_device(device)
     tags = ["gpu"] if dev.type == "cuda" else []

@@ -28,7 +28,9 @@ from distilflow.flows.common import (
     run_in_subflow,
     wait_with_progress,
 )
-from distilflow.tasks.batch_io import (
+from distilflow.tasks.core.config import Config
+from distilflow.tasks.core.io import expand_inputs
+from distilflow.tasks.infer.batch_io import (
     BatchJob,
     open_output,
     output_stage,
@@ -36,12 +38,10 @@ from distilflow.tasks.batch_io import (
     run_file,
     write_run_manifest,
 )
-from distilflow.tasks.config import Config
-from distilflow.tasks.embed import EmbedConfig, Embedder
-from distilflow.tasks.fill_mask import FillMaskConfig, FillMasker
-from distilflow.tasks.io import expand_inputs
-from distilflow.tasks.qa import QAConfig, QuestionAnswerer
-from distilflow.tasks.watch import EVENT_NAME, RESOURCE_PREFIX, FolderWatcher
+from distilflow.tasks.infer.embed import EmbedConfig, Embedder
+from distilflow.tasks.infer.fill_mask import FillMaskConfig, FillMasker
+from distilflow.tasks.infer.qa import QAConfig, QuestionAnswerer
+from distilflow.tasks.infer.watch import EVENT_NAME, RESOURCE_PREFIX, FolderWatcher
 
 JOBS: dict[str, tuple[type[Config], Callable[[Any], BatchJob]]] = {
     "fill-mask": (FillMaskConfig, FillMasker),

@@ -24,7 +24,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from distilflow.flows.common import markdown_table, publish
-from distilflow.tasks.ops import Supervisor, environment_report, probe_storage, tail, wait_http_ok
+from distilflow.tasks.ops.supervisor import Supervisor, environment_report, probe_storage, tail, wait_http_ok
 
 # the prefect CLI of this environment (a venv's bin/ need not be on PATH)
 _VENV_PREFECT = Path(sys.executable).with_name("prefect")

@@ -32,8 +32,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from distilflow.flows.common import markdown_table, publish
-from distilflow.tasks.config import Config, ConfigError, require
-from distilflow.tasks.io import InputError, exists, expand_inputs, join, read_json, write_json
+from distilflow.tasks.core.config import Config, ConfigError, require
+from distilflow.tasks.core.io import InputError, exists, expand_inputs, join, read_json, write_json
 
 PRESETS: dict[str, dict[str, Any]] = {
     # debug: the README's first command -- under a minute on 2 idle CPU cores, tiny models, demo corpus
@@ -130,7 +130,7 @@ def _jsonable(x: Any) -> Any:
 @flow(name="vocab", log_prints=True)
 def vocab_flow(inputs: list[str], output: str, vocab_size: int = 30000, cased: bool = False) -> dict[str, Any]:
     """Train a BERT WordPiece vocabulary on the inputs; saved with ``save_pretrained`` in ``output``."""
-    from distilflow.tasks.vocab import VocabConfig, corpus_texts, train_wordpiece
+    from distilflow.tasks.prepare.vocab import VocabConfig, corpus_texts, train_wordpiece
 
     cfg = VocabConfig(vocab_size=vocab_size, lowercase=not cased)
     tok = train_wordpiece(corpus_texts(inputs), output, cfg)
@@ -224,7 +224,7 @@ def pipeline_flow(output: str, inputs: list[str] | None = None, heldout: list[st
             raise InputError(f"{cfg.inputs[0]}: one input file; give --heldout FILE for evaluation data")
         corpus_name = f"{len(train_files)} input file(s); held out: {', '.join(os.path.basename(h) for h in held_files)}"
     else:
-        from distilflow.tasks.demo_corpus import write_demo_corpus
+        from distilflow.tasks.prepare.demo_corpus import write_demo_corpus
 
         train_files, held_files = write_demo_corpus(join(output, "demo-corpus"), seed=seed)
         corpus_name = "embedded demo corpus (generated country facts, tasks/demo_corpus.py)"

@@ -30,18 +30,18 @@ from distilflow.flows.common import (
     wait_with_progress,
     worker_processes,
 )
-from distilflow.tasks.config import ConfigError
-from distilflow.tasks.io import InputError, exists, expand_inputs, is_local, join, read_json
-from distilflow.tasks.mask_stage import MaskStageConfig, mask_part
-from distilflow.tasks.pairs import (
+from distilflow.tasks.core.config import ConfigError
+from distilflow.tasks.core.io import InputError, exists, expand_inputs, is_local, join, read_json
+from distilflow.tasks.core.stage import ResumeError, StageDir, read_manifest
+from distilflow.tasks.prepare.mask import MaskStageConfig, mask_part
+from distilflow.tasks.prepare.pairs import (
     PairsConfig,
     load_tokenizer,
     merge_token_counts,
     pairs_part,
     tokenizer_sha256,
 )
-from distilflow.tasks.shard import ShardConfig, ShardUnit, plan_shard_units, shard_file
-from distilflow.tasks.stage import ResumeError, StageDir, read_manifest
+from distilflow.tasks.prepare.shard import ShardConfig, ShardUnit, plan_shard_units, shard_file
 
 # -- tasks (one per unit of work) --------------------------------------------------------------------
 

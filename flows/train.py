@@ -4,8 +4,8 @@ Each flow runs one Prefect task, ``train``, tagged ``gpu``: create a tag concurr
 (``prefect concurrency-limit create gpu <number of GPUs per worker>``) so that two training jobs never
 share a GPU by accident. The task either
 
-* runs :func:`distilflow.tasks.train.train` in this process (``launcher="inprocess"``; CPU default), or
-* launches ``torchrun --standalone --nproc-per-node N -m distilflow.tasks.train run CONFIG`` as a
+* runs :func:`distilflow.tasks.train.loop.train` in this process (``launcher="inprocess"``; CPU default), or
+* launches ``torchrun --standalone --nproc-per-node N -m distilflow.tasks.train.loop run CONFIG`` as a
   subprocess (``launcher="torchrun"``; the default when CUDA is available, N = number of GPUs) and
   streams its output into the Prefect logger.
 
@@ -26,10 +26,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from distilflow.flows.common import markdown_table, publish
-from distilflow.tasks.config import ConfigError
-from distilflow.tasks.io import write_json
-from distilflow.tasks.stage import ResumeError
-from distilflow.tasks.train import (
+from distilflow.tasks.core.config import ConfigError
+from distilflow.tasks.core.io import write_json
+from distilflow.tasks.core.stage import ResumeError
+from distilflow.tasks.train.data import DataError
+from distilflow.tasks.train.loop import (
     DISTILL_DEFAULTS,
     TrainConfig,
     add_arguments,
@@ -38,7 +39,6 @@ from distilflow.tasks.train import (
     read_metrics,
     train,
 )
-from distilflow.tasks.train_data import DataError
 
 METRICS_PREFIX = "[metrics] "
 

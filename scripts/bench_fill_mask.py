@@ -79,7 +79,7 @@ def main() -> int:
 
     from transformers import AutoTokenizer, DistilBertConfig, DistilBertForMaskedLM, pipeline
 
-    from distilflow.tasks.fill_mask import FillMaskConfig, FillMasker
+    from distilflow.tasks.infer.fill_mask import FillMaskConfig, FillMasker
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

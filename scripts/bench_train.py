@@ -23,9 +23,13 @@ import time
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from distilflow.tasks.losses import ce_rows, distillation_losses
-from distilflow.tasks.models import default_student_layers, forward_flops_per_token, init_student_from_teacher
-from distilflow.tasks.train import PEAK_BF16, DistillObjective, TrainConfig, teacher_outputs
+from distilflow.tasks.train.loop import PEAK_BF16, DistillObjective, TrainConfig, teacher_outputs
+from distilflow.tasks.train.losses import ce_rows, distillation_losses
+from distilflow.tasks.train.models import (
+    default_student_layers,
+    forward_flops_per_token,
+    init_student_from_teacher,
+)
 
 
 def make_batch(b: int, s: int, vocab: int, device: torch.device, g: torch.Generator) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distilflow.tasks.ops import free_port, stop_process, tail, wait_http_ok
+from distilflow.tasks.ops.supervisor import free_port, stop_process, tail, wait_http_ok
 
 __all__ = ["PREFECT_BIN", "PrefectServer", "flow_run_logs", "free_port", "prefect_server", "run_deployment",
            "run_artifacts", "start_prefect_server", "stop_process", "wait_flow_run",

@@ -25,7 +25,7 @@ def test_every_subcommand_has_help():
 
 def test_prepare_does_not_import_torch():
     code = ("import sys; from distilflow.cli import build_parser; build_parser(['prepare']); "
-            "from distilflow.tasks.pairs import load_tokenizer; "
+            "from distilflow.tasks.prepare.pairs import load_tokenizer; "
             "from tests.conftest import BERT_TOKENIZER; load_tokenizer(str(BERT_TOKENIZER)); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,0 +1,183 @@
+"""Stage 1 -- shard: input files -> documents -> sentences -> ``DIR/corpus/part-FFFFF-PPPP.parquet``.
+
+One unit of work per input file (sorted input order gives file number ``FFFFF``); a large file is
+written as several parts ``PPPP`` of at most ``part_bytes`` of text, so memory stays bounded whatever
+the input size. Documents:
+
+* plain text: a blank line ends a document; lines inside are joined (hard-wrapped paragraphs);
+* JSONL / CSV / Parquet: one record = one document (``text_field``).
+
+``doc_id`` is ``<input path relative to the common input folder>#<document number>``: stable across
+reruns and machines, readable, and independent of how many workers ran.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from distilflow.tasks.core.config import Config, require
+from distilflow.tasks.core.io import file_size, join, open_input, release_memory, write_parquet
+from distilflow.tasks.core.readers import BadRecord, detect_format, iter_lines, iter_records
+from distilflow.tasks.core.stage import StageDir
+from distilflow.tasks.prepare.sentences import normalize_whitespace, split_sentences
+
+CORPUS_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("sentences", pa.list_(pa.string()), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ShardConfig(Config):
+    format: Literal["auto", "text", "jsonl", "csv", "parquet"] = "auto"
+    text_field: str = "text"  # JSONL key / CSV or Parquet column holding the text
+    one_sentence_per_line: bool = False  # Google's create_pretraining_data.py input layout
+    max_line_bytes: int = 1 << 20  # longer lines are quarantined, never held in memory
+    max_doc_bytes: int = 4 << 20  # a longer document is cut into several (counted)
+    part_bytes: int = 16 << 20  # text per output part: bounds memory of this and the next stage
+
+    def check(self) -> None:
+        n = type(self).__name__
+        require(bool(self.text_field), n, "text_field", "must not be empty")
+        require(self.max_line_bytes >= 1024, n, "max_line_bytes", f"must be >= 1024, got {self.max_line_bytes}")
+        require(self.max_doc_bytes >= 1024, n, "max_doc_bytes", f"must be >= 1024, got {self.max_doc_bytes}")
+        require(self.part_bytes >= 1024, n, "part_bytes", f"must be >= 1024, got {self.part_bytes}")
+
+
+@dataclass(frozen=True)
+class ShardUnit:
+    key: str  # "00003": the input file's position in the sorted input list
+    url: str  # the input file
+    rel: str  # its path relative to the common input folder (used in doc_id)
+
+
+def plan_shard_units(files: list[str]) -> list[ShardUnit]:
+    """Sorted input files -> units. Relative names come from the longest common folder prefix."""
+    files = sorted(files)
+    if len(files) == 1:
+        prefix = files[0].rsplit("/", 1)[0] + "/" if "/" in files[0] else ""
+    else:
+        prefix = _common_folder(files)
+    return [ShardUnit(f"{i:05d}", f, f[len(prefix):]) for i, f in enumerate(files)]
+
+
+def _common_folder(paths: list[str]) -> str:
+    first, last = min(paths), max(paths)
+    i = 0
+    while i < min(len(first), len(last)) and first[i] == last[i]:
+        i += 1
+    common = first[:i]
+    return common[: common.rfind("/") + 1] if "/" in common else ""
+
+
+def iter_documents(unit: ShardUnit, cfg: ShardConfig) -> Iterator[tuple[str, int] | BadRecord]:
+    """Yield ``(document_text, first_line)`` or BadRecord. Text documents end at blank lines."""
+    fmt = detect_format(unit.url) if cfg.format == "auto" else cfg.format
+    if fmt != "text":
+        for rec in iter_records(unit.url, fmt, cfg.text_field, cfg.max_line_bytes):
+            yield rec if isinstance(rec, BadRecord) else (rec.text, rec.line)
+        return
+    try:
+        with open_input(unit.url) as f:
+            yield from _text_documents(unit.url, f, cfg)
+    except (OSError, EOFError, ValueError) as e:  # gzip CRC errors, truncated files, S3 errors
+        yield BadRecord(unit.url, None, "unreadable_file", f"{type(e).__name__}: {e}")
+
+
+def _text_documents(url: str, f, cfg: ShardConfig) -> Iterator[tuple[str, int] | BadRecord]:
+    # Straight on the line reader (no Record objects): this loop runs once per input line.
+    buf: list[str] = []
+    size = 0
+    first_line = 0
+    sep = "\n" if cfg.one_sentence_per_line else " "
+    for item in iter_lines(f, url, cfg.max_line_bytes):
+        if isinstance(item, BadRecord):
+            yield item
+            continue
+        line_no, text = item
+        if not text or text.isspace():
+            if buf:
+                yield sep.join(buf), first_line
+                buf, size = [], 0
+            continue
+        if not buf:
+            first_line = line_no
+        buf.append(text)
+        size += len(text)
+        if size >= cfg.max_doc_bytes:
+            yield sep.join(buf), first_line
+            yield BadRecord(url, first_line, "doc_split_too_long", f"document cut at {size:,} characters")
+            buf, size = [], 0
+    if buf:
+        yield sep.join(buf), first_line
+
+
+def to_sentences(text: str, cfg: ShardConfig) -> list[str]:
+    if cfg.one_sentence_per_line:
+        return [s for s in (normalize_whitespace(line) for line in text.split("\n")) if s]
+    return split_sentences(text)
+
+
+def shard_file(unit: ShardUnit, stage: StageDir, cfg: ShardConfig) -> dict[str, Any]:
+    """Run one unit: write its parts, quarantine bad records, then write the completion marker."""
+    files: list[dict[str, Any]] = []
+    bad: list[dict[str, Any]] = []
+    skipped: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
+    rows: dict[str, list[Any]] = {"doc_id": [], "source": [], "sentences": []}
+    part_chars = 0
+    doc_no = 0
+
+    def flush() -> None:
+        nonlocal rows, part_chars
+        if not rows["doc_id"]:
+            return
+        name = f"part-{unit.key}-{len(files):04d}.parquet"
+        table = pa.Table.from_pydict(rows, schema=CORPUS_SCHEMA)
+        write_parquet(table, join(stage.url, name), row_group_size=1024)
+        n_sent = sum(len(s) for s in rows["sentences"])
+        files.append({"file": name, "rows": table.num_rows, "sentences": n_sent, "chars": part_chars, "tokens": 0})
+        rows = {"doc_id": [], "source": [], "sentences": []}
+        part_chars = 0
+
+    for item in iter_documents(unit, cfg):
+        if isinstance(item, BadRecord):
+            if item.reason == "doc_split_too_long":
+                counts["documents_split"] += 1
+                continue
+            skipped[item.reason] += 1
+            bad.append(item.to_dict() | {"message": item.message()})
+            continue
+        text, _line = item
+        sentences = to_sentences(text, cfg)
+        if not sentences:
+            skipped["empty_document"] += 1
+            continue
+        rows["doc_id"].append(f"{unit.rel}#{doc_no}")
+        rows["source"].append(unit.url)
+        rows["sentences"].append(sentences)
+        doc_no += 1
+        chars = sum(len(s) for s in sentences)
+        part_chars += chars
+        counts["documents"] += 1
+        counts["sentences"] += len(sentences)
+        counts["chars"] += chars
+        if part_chars >= cfg.part_bytes:
+            flush()
+    flush()
+    counts["input_bytes"] = file_size(unit.url)
+    counts["input_files"] = 1
+    errors_file = stage.write_errors(unit.key, bad)
+    stats = {"files": files, "counts": dict(counts), "skipped": dict(skipped), "errors_file": errors_file,
+             "input": unit.url}
+    stage.mark_done(unit.key, stats)
+    release_memory()
+    return stats

@@ -1,0 +1,149 @@
+"""Object storage for real: moto's S3 server on 127.0.0.1 (free port), prepare -> fill-mask with every
+input, the tokenizer and every output on s3:// URLs. Credentials and the endpoint come only from the
+environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL), as on a real worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from distilflow.tasks.core.io import InputError, read_json, read_parquet
+from distilflow.tasks.ops.supervisor import free_port, stop_process, tail, wait_http_ok
+
+pytestmark = pytest.mark.integration
+
+MOTO = Path(os.environ.get("VIRTUAL_ENV", "")) / "bin" / "moto_server"
+
+
+def _moto(tmp: Path, auth: bool) -> Iterator[str]:
+    import shutil
+
+    exe = str(MOTO) if MOTO.exists() else shutil.which("moto_server")
+    if exe is None:
+        pytest.fail("moto_server not found: `pip install moto[server]` (a dev dependency)")
+    port = free_port()
+    env = dict(os.environ)
+    if auth:  # enforce IAM: unknown keys get 403 like a real bucket policy would
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
+    log = tmp / f"moto-{port}.log"
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http_ok(f"http://127.0.0.1:{port}/moto-api/", 60, proc, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process(proc)
+        assert proc.poll() is not None, tail(log)
+
+
+def _use_endpoint(monkeypatch, endpoint: str, key: str, secret: str) -> None:
+    """Point s3fs at ``endpoint`` with credentials from the environment only (no cached clients)."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def s3_env(tmp_path, monkeypatch):
+    """A fresh S3 endpoint; credentials only in the environment; no cached s3fs clients from other tests."""
+    import s3fs
+
+    for endpoint in _moto(tmp_path, auth=False):
+        _use_endpoint(monkeypatch, endpoint, "distilflow-test", "distilflow-test-secret")
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("distilflow")
+        yield fs
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def _landing_text(n: int = 40_000) -> bytes:
+    from tests.conftest import GUTENBERG
+
+    text = (GUTENBERG / "pg1342.txt").read_bytes()[:n]
+    return text[: text.rfind(b"\n") + 1]
+
+
+def test_prepare_then_fill_mask_fully_on_s3(s3_env, prefect_test_harness_session, tmp_path,
+                                            bert_tokenizer_path):
+    from distilflow.flows.inference import fill_mask_flow
+    from distilflow.flows.prepare import prepare_flow
+    from tests.infer.test_fill_mask import save_tiny_mlm
+
+    fs = s3_env
+    fs.pipe("distilflow/landing/book.txt", _landing_text())
+    fs.put(str(bert_tokenizer_path) + "/", "distilflow/tokenizer/", recursive=True)
+    params = {"max_seq_len": 64, "dupe_factor": 2, "workers": 1}
+    result = prepare_flow(["s3://distilflow/landing"], "s3://distilflow/prepared", "s3://distilflow/tokenizer",
+                          **params)
+    assert result["masked"] > 0
+
+    # the same job on local disk gives the same data: storage does not change results (only the
+    # provenance columns differ, they hold the input URL)
+    (tmp_path / "landing").mkdir()
+    (tmp_path / "landing" / "book.txt").write_bytes(_landing_text())
+    prepare_flow([str(tmp_path / "landing")], str(tmp_path / "prepared"), str(bert_tokenizer_path), **params)
+    for stage in ("corpus", "pairs", "masked"):
+        remote = sorted(p for p in fs.ls(f"distilflow/prepared/{stage}") if p.endswith(".parquet"))
+        local = sorted((tmp_path / "prepared" / stage).glob("*.parquet"))
+        assert [Path(p).name for p in remote] == [p.name for p in local], stage
+        for r, p in zip(remote, local, strict=True):
+            got, want = read_parquet("s3://" + r), read_parquet(str(p))
+            keep = [c for c in want.column_names if c not in ("source", "doc_id")]
+            assert got.num_rows == want.num_rows > 0
+            assert got.select(keep).equals(want.select(keep)), f"{r} differs from the local run"
+        assert read_json(f"s3://distilflow/prepared/{stage}/manifest.json")["rows"] == \
+            read_json(str(tmp_path / "prepared" / stage / "manifest.json"))["rows"]
+
+    # fill-mask over masked sentences taken from the prepared corpus on S3, results written to S3
+    corpus = read_parquet(sorted("s3://" + p for p in fs.ls("distilflow/prepared/corpus")
+                                 if p.endswith(".parquet"))[0])
+    sentences = [s for doc in corpus.column("sentences").to_pylist() for s in doc if 5 <= len(s.split()) <= 30]
+    rng = random.Random(0)
+    rows = []
+    for s in sentences[:24]:
+        words = s.split()
+        words[rng.randrange(len(words))] = "[MASK]"
+        rows.append({"id": len(rows), "text": " ".join(words)})
+    fs.pipe("distilflow/inbox/batch-0001.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    model = save_tiny_mlm(tmp_path / "model", "distilbert", bert_tokenizer_path)
+    manifest = fill_mask_flow("s3://distilflow/inbox/batch-0001.jsonl", "s3://distilflow/predictions", model,
+                              top_k=3, keep_columns=["id"])
+    assert manifest["rows"] == 3 * len(rows), manifest  # top_k=3 predictions per input row, one row each
+    outputs = [p for p in fs.find("distilflow/predictions") if p.endswith(".parquet")]
+    assert outputs, fs.find("distilflow/predictions")
+    with fs.open(outputs[0], "rb") as f:
+        table = pq.read_table(f)
+    assert table.num_rows == manifest["rows"]
+    assert sorted({int(i) for i in table.column("id").to_pylist()}) == list(range(len(rows))), "a row was lost"
+
+
+def test_unauthorised_bucket_fails_fast_naming_the_url(tmp_path, monkeypatch, prefect_test_harness_session,
+                                                       bert_tokenizer_path):
+    import s3fs
+
+    from distilflow.flows.prepare import prepare_flow
+
+    for endpoint in _moto(tmp_path, auth=True):
+        _use_endpoint(monkeypatch, endpoint, "not-a-known-key", "wrong")
+        t0 = time.monotonic()
+        with pytest.raises(InputError) as err:
+            prepare_flow(["s3://locked-bucket/landing"], str(tmp_path / "out"), str(bert_tokenizer_path),
+                         max_seq_len=64, workers=1)
+        assert time.monotonic() - t0 < 30
+        assert "s3://locked-bucket/landing" in str(err.value) and "permission denied" in str(err.value).lower()
+        assert not (tmp_path / "out" / "corpus").exists()
+        s3fs.S3FileSystem.clear_instance_cache()
