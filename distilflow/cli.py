@@ -1,7 +1,12 @@
-"""``distilflow`` command line: one sub-command per job, each runs a Prefect flow.
+"""``distilflow`` command line: one sub-command per job, and the one error boundary of all of them.
 
-Each flow module in ``COMMAND_MODULES`` exposes ``register(subparsers)``, which adds its
-sub-command(s) and sets ``func`` (called with the parsed args; returns a process exit code).
+Every command's options come from its job config (``CommandSpec`` in a light ``config`` module: no
+torch, no Prefect), so ``distilflow --help`` imports nothing and ``distilflow COMMAND --help`` imports one
+config module. The job itself (Prefect flows, torch) is imported only when the command runs.
+
+Errors: a :class:`~distilflow.tasks.core.errors.UserError` (bad option, missing file, refused resume ...)
+prints one line ``distilflow COMMAND: error: ...`` and exits 2; anything else is a bug and shows its
+traceback (exit 1). Ctrl-C exits 130 and keeps finished work.
 """
 
 from __future__ import annotations
@@ -10,28 +15,45 @@ import argparse
 import importlib
 import os
 import sys
+from typing import Any, NamedTuple
 
-# Modules that contribute sub-commands, in the order they appear in --help.
-COMMAND_MODULES = [
-    "distilflow.flows.pipeline",
-    "distilflow.flows.prepare",
-    "distilflow.flows.ops",
-    "distilflow.flows.inference",
-    "distilflow.flows.evaluate",
-    "distilflow.flows.train",
-]
-# sub-command -> the module that registers it (kept in step with COMMAND_MODULES by tests/test_cli.py)
-COMMANDS = {
-    "pipeline": "distilflow.flows.pipeline",
-    **dict.fromkeys(["prepare", "shard", "pairs", "mask"], "distilflow.flows.prepare"),
-    **dict.fromkeys(["server", "doctor"], "distilflow.flows.ops"),
-    **dict.fromkeys(["fill-mask", "qa", "embed", "watch"], "distilflow.flows.inference"),
-    "evaluate": "distilflow.flows.evaluate",
-    **dict.fromkeys(["pretrain", "distill"], "distilflow.flows.train"),
+
+class Command(NamedTuple):
+    help: str
+    spec: str  # "module:ATTR" of its CommandSpec
+    legacy: str = ""  # TRANSITION: flow module with register(subparsers), until the command has a spec
+
+
+# In the order --help lists them. The help line is repeated here so that top-level --help imports nothing.
+COMMANDS: dict[str, Command] = {
+    "pipeline": Command("the main job end to end: corpus -> tokenizer -> teacher -> student -> evaluation -> "
+                        "fill-mask -> report", "distilflow.tasks.pipeline.config:PIPELINE", legacy="distilflow.flows.pipeline"),
+    "prepare": Command("corpus files -> sentence shards -> NSP pairs -> MLM masks (shard + pairs + mask)",
+                       "distilflow.tasks.prepare.config:PREPARE", legacy="distilflow.flows.prepare"),
+    "shard": Command("stage 1 of prepare: input files -> sentence-split documents (DIR/corpus)",
+                     "distilflow.tasks.prepare.config:SHARD", legacy="distilflow.flows.prepare"),
+    "pairs": Command("stage 2 of prepare: DIR/corpus -> NSP pairs or single segments (DIR/pairs)",
+                     "distilflow.tasks.prepare.config:PAIRS", legacy="distilflow.flows.prepare"),
+    "mask": Command("stage 3 of prepare: DIR/pairs -> static MLM masks (DIR/masked)",
+                    "distilflow.tasks.prepare.config:MASK", legacy="distilflow.flows.prepare"),
+    "pretrain": Command("pretrain a BERT teacher (MLM + NSP) on a prepared folder",
+                        "distilflow.tasks.train.config:PRETRAIN", legacy="distilflow.flows.train"),
+    "distill": Command("distil a DistilBERT student from a BERT teacher", "distilflow.tasks.train.config:DISTILL", legacy="distilflow.flows.train"),
+    "evaluate": Command("held-out MLM, GLUE, SQuAD and the bias probe, beside the reference numbers",
+                        "distilflow.tasks.evaluate.config:EVALUATE", legacy="distilflow.flows.evaluate"),
+    "fill-mask": Command("batch fill-mask predictions over stored datasets", "distilflow.tasks.infer.config:FILL_MASK", legacy="distilflow.flows.inference"),
+    "qa": Command("batch extractive question answering", "distilflow.tasks.infer.config:QA", legacy="distilflow.flows.inference"),
+    "embed": Command("batch text embeddings (mean-pooled or [CLS])", "distilflow.tasks.infer.config:EMBED", legacy="distilflow.flows.inference"),
+    "watch": Command("emit a Prefect event for each completely written file in DIR",
+                     "distilflow.tasks.infer.config:WATCH", legacy="distilflow.flows.inference"),
+    "server": Command("start a local Prefect server + process workers for the cpu/gpu pools in one command",
+                      "distilflow.tasks.ops.config:SERVER", legacy="distilflow.flows.ops"),
+    "doctor": Command("check this machine as a worker: storage read/write, torch, CUDA",
+                      "distilflow.tasks.ops.config:DOCTOR"),
 }
 
 
-def _quiet_prefect_defaults() -> None:
+def _quiet_defaults() -> None:
     # Offline machines: Prefect's telemetry would log connection errors at every start.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -41,28 +63,58 @@ def _quiet_prefect_defaults() -> None:
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
 
 
-def _module_for(argv: list[str]) -> str | None:
-    """The one module that defines the sub-command in ``argv`` (None: top-level help or unknown).
+def _load(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
-    Only that module is imported, so ``distilflow prepare`` does not load torch for the training and
-    inference commands (~270 MB per process)."""
+
+def _command_of(argv: list[str]) -> str | None:
     first = next((a for a in argv if not a.startswith("-")), None)
-    return COMMANDS.get(first) if first else None
+    return first if first in COMMANDS else None
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``argv`` only the command named there gets its options (one config import)."""
     parser = argparse.ArgumentParser(
         prog="distilflow",
         description="Corpus -> BERT pretraining data -> teacher -> distilled student -> evaluation / batch "
-        "inference, as Prefect flows. Run `distilflow COMMAND --help` for each job.",
+        "inference, as Prefect flows. Run `distilflow COMMAND --help` for each job's options.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    only = _module_for(argv) if argv is not None else None
-    for name in [only] if only else COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    only = _command_of(argv) if argv is not None else None
+    for name, cmd in COMMANDS.items():
+        if only is not None and name != only:
+            sub.add_parser(name, help=cmd.help)
+            continue
+        if argv is not None and only is None:  # top-level help / no command: list them, import nothing
+            sub.add_parser(name, help=cmd.help)
+            continue
+        if cmd.legacy:
+            _register_legacy(sub, name, cmd.legacy)
+            continue
+        spec = _load(cmd.spec)
+        p = sub.add_parser(name, help=cmd.help, description=spec.description or cmd.help,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        spec.add_to(p)
+        p.add_argument("--verbose", action="store_true",
+                       help="show library logs and progress bars (transformers load reports, Prefect debug lines)")
+        p.set_defaults(spec=spec)
     return parser
+
+
+def _register_legacy(sub: Any, name: str, module: str) -> None:
+    """TRANSITION: a flow module's own argparse (``register``) for a command not yet on a CommandSpec."""
+    import argparse as _ap
+
+    scratch = _ap.ArgumentParser().add_subparsers()
+    importlib.import_module(module).register(scratch)
+    p = scratch.choices[name]
+    p.prog = f"distilflow {name}"
+    p.add_argument("--verbose", action="store_true", help="show library logs and progress bars")
+    sub._name_parser_map[name] = p
+    sub._choices_actions.append(sub._ChoicesPseudoAction(name, (), COMMANDS[name].help))
 
 
 def _version() -> str:
@@ -71,15 +123,29 @@ def _version() -> str:
     return __version__
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    _quiet_prefect_defaults()
+    _quiet_defaults()
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
+    from distilflow.tasks.core.errors import UserError
+    from distilflow.tasks.core.terminal import configure
+
+    configure(verbose=args.verbose)
     try:
-        return int(args.func(args) or 0)
+        if "spec" not in vars(args):  # TRANSITION: legacy command
+            return int(args.func(args) or 0)
+        cfg = args.spec.config_from(args)
+        return int(args.spec.runner()(cfg) or 0)
+    except UserError as e:
+        print(f"distilflow {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted; finished shards are kept, rerun the same command to resume", file=sys.stderr)
+        print(f"distilflow {args.command}: interrupted; finished work is kept, rerun the same command to resume",
+              file=sys.stderr)
         return 130
 
 

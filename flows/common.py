@@ -9,12 +9,40 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
+from prefect import Flow, flow
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from tqdm import tqdm
 
+from distilflow.tasks.core.config import Config, docstring_args, signature
+from distilflow.tasks.core.terminal import install_prefect_console_filter
+
 T = TypeVar("T")
+install_prefect_console_filter()
+
+
+def config_flow(cls: type[Config], *, name: str, defaults: dict[str, Any] | None = None,
+                fixed: dict[str, Any] | None = None, **flow_kwargs: Any) -> Callable[[Callable[..., T]], Flow]:
+    """A Prefect flow whose parameters are the fields of the job config ``cls``.
+
+    The decorated function takes the validated config (``body(cfg)``); the flow's signature -- what the
+    UI's run form, ``prefect.yaml`` parameters and ``flow(**params)`` calls see -- is derived from the
+    config's fields (typed, with their defaults, help texts as descriptions). ``fixed`` fields are set by
+    the flow and are not parameters (``mode="distill"``); ``defaults`` overrides defaults for this flow.
+    """
+    fixed = fixed or {}
+
+    def decorate(body: Callable[..., T]) -> Flow:
+        def fn(**params: Any) -> T:
+            return body(cls.from_dict({**params, **fixed}))
+
+        fn.__signature__ = signature(cls, skip=tuple(fixed), defaults=defaults)  # type: ignore[attr-defined]
+        fn.__name__, fn.__qualname__, fn.__module__ = body.__name__, body.__qualname__, body.__module__
+        fn.__doc__ = f"{(body.__doc__ or '').strip()}\n\n{docstring_args(cls, skip=tuple(fixed))}"
+        return flow(name=name, **flow_kwargs)(fn)
+
+    return decorate
 
 
 def make_task_runner(workers: int = 1, dask_address: str | None = None, dask_workers: int = 0) -> TaskRunner:

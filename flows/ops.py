@@ -21,9 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
-from distilflow.flows.common import markdown_table, publish
+from distilflow.flows.common import config_flow, markdown_table, publish
+from distilflow.tasks.core.errors import UserError
+from distilflow.tasks.ops.config import DoctorConfig
 from distilflow.tasks.ops.supervisor import Supervisor, environment_report, probe_storage, tail, wait_http_ok
 
 # the prefect CLI of this environment (a venv's bin/ need not be on PATH)
@@ -32,8 +34,8 @@ PREFECT_BIN = str(_VENV_PREFECT) if _VENV_PREFECT.exists() else (shutil.which("p
 DEFAULT_LOG_DIR = Path(os.environ.get("PREFECT_HOME", Path.home() / ".prefect")) / "distilflow-logs"
 
 
-@flow(name="doctor", log_prints=True)
-def doctor_flow(storage: list[str] | None = None, require_gpu: bool = False) -> dict[str, Any]:
+@config_flow(DoctorConfig, name="doctor", log_prints=True)
+def doctor_flow(cfg: DoctorConfig) -> dict[str, Any]:
     """Check this worker: write/read/delete a probe object under each ``storage`` URL, report versions/GPUs.
 
     Fails with a message naming the URL when storage is unreachable or read-only (credentials, bucket,
@@ -41,9 +43,9 @@ def doctor_flow(storage: list[str] | None = None, require_gpu: bool = False) -> 
     """
     logger = get_run_logger()
     report = environment_report()
-    probes = [probe_storage(url) for url in storage or []]
-    if require_gpu and not report["cuda"]:
-        raise RuntimeError(f"{report['host']}: no CUDA device visible (require_gpu=True); check the GPU pool's "
+    probes = [probe_storage(url) for url in cfg.storage]
+    if cfg.require_gpu and not report["cuda"]:
+        raise UserError(f"{report['host']}: no CUDA device visible (require_gpu=True); check the GPU pool's "
                            "node selector / device plugin, or CUDA_VISIBLE_DEVICES")
     md = "# distilflow doctor\n\n" + markdown_table([{k: v for k, v in report.items() if k != "gpus"}])
     if report["gpus"]:
@@ -189,8 +191,8 @@ def _worker_cmd(pool: str, name: str, limit: int | None) -> list[str]:
     return cmd
 
 
-def run_doctor(args: argparse.Namespace) -> int:
-    result = doctor_flow(storage=args.storage, require_gpu=args.require_gpu)
+def run_doctor(cfg: DoctorConfig) -> int:
+    result = doctor_flow(**cfg.to_dict())
     env = result["environment"]
     print(f"{env['host']}: python {env['python']}, torch {env['torch']}, {env['cpus']} CPUs, "
           f"{len(env['gpus'])} GPU(s)")
@@ -231,16 +233,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--log-dir", default=str(DEFAULT_LOG_DIR), help="folder for server and worker log files (default: %(default)s)")
     p.add_argument("--startup-timeout", type=float, default=120, help="seconds to wait for the server to answer (default: %(default)s)")
     p.set_defaults(func=run_server)
-
-    d = subparsers.add_parser(
-        "doctor",
-        help="check this machine as a worker: storage read/write, torch, CUDA",
-        description="Run the doctor flow: writes, reads back and deletes a small probe object under each "
-        "--storage URL (local folder, s3://...), and reports versions and GPUs as a Prefect artifact.",
-    )
-    d.add_argument("--storage", nargs="*", default=[], help="URLs to probe; credentials come from the environment (default: none)")
-    d.add_argument("--require-gpu", action="store_true", help="fail when no CUDA device is visible (default: off)")
-    d.set_defaults(func=run_doctor)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -102,9 +102,9 @@ def run_all(site: Path | None, out: Path, only: set[str], log: Path) -> dict[str
             logf.write("$ distilflow " + " ".join(argv) + "\n")
             logf.flush()
             rc = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=out).returncode
-            codes[" ".join(argv[:1] + [a for a in argv if a.startswith(str(out))][-1:])] = rc
-            print(f"  [{'ok' if rc == 0 else f'exit {rc}'}] distilflow {' '.join(argv[:1])} -> "
-                  f"{[a for a in argv if a.startswith(str(out))][-1]}", flush=True)
+            target = Path(argv[argv.index("--output") + 1]).name
+            codes[f"{argv[0]} -> {target}"] = rc
+            print(f"  [{'ok' if rc == 0 else f'exit {rc}'}] distilflow {argv[0]} -> {target}", flush=True)
     return codes
 
 

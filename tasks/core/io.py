@@ -23,14 +23,12 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from distilflow.tasks.core.errors import InputError
+
 # Compression suffixes we open transparently (fsspec's "infer" also knows these).
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstd"}
 # Parquet writer settings are fixed so that the same table always gives the same bytes.
 PARQUET_WRITE_OPTS: dict[str, Any] = {"compression": "zstd", "use_dictionary": False, "write_statistics": True}
-
-
-class InputError(ValueError):
-    """A user-given input path is missing, unreadable or of an unknown format. Names the path."""
 
 
 def is_local(url: str) -> bool:

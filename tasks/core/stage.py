@@ -20,6 +20,7 @@ import os
 from collections import Counter
 from typing import Any
 
+from distilflow.tasks.core.errors import ResumeError
 from distilflow.tasks.core.io import (
     exists,
     is_local,
@@ -32,10 +33,6 @@ from distilflow.tasks.core.io import (
 )
 
 MANIFEST_VERSION = 1
-
-
-class ResumeError(RuntimeError):
-    """The output folder holds results made with a different config."""
 
 
 class StageDir:

@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from distilflow.tasks.core.errors import DataError
 from distilflow.tasks.core.io import exists, join, listdir, read_parquet
 from distilflow.tasks.core.rng import derive_rng
 from distilflow.tasks.core.stage import read_manifest
@@ -32,10 +33,6 @@ from distilflow.tasks.prepare.masking import IGNORE_INDEX, MaskConfig, Vocab, ma
 
 REQUIRED = {"pairs": ("input_ids", "token_type_ids", "next_sentence_label"),
             "masked": ("input_ids", "token_type_ids", "next_sentence_label", "labels")}
-
-
-class DataError(ValueError):
-    """The prepared folder is missing or malformed. Names the path and what to run."""
 
 
 @dataclass
