@@ -10,20 +10,65 @@ through :func:`load_pretrained`, which holds one process-wide lock.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any, TypeVar
 
 import torch
 
+from distilflow.tasks.core.errors import InputError
+
 T = TypeVar("T")
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 
 _LOAD_LOCK = threading.RLock()
 
 
+def check_model_folder(path: str) -> None:
+    """Refuse, with one line naming the folder and the fix, what ``from_pretrained`` would load unsafely or
+    report confusingly: a missing folder (transformers calls it an invalid hub repo id), a folder without
+    ``config.json``, and pickle-only weights (``pytorch_model.bin``: distilflow loads safetensors only)."""
+    if not os.path.isdir(path):
+        if os.path.exists(path):
+            raise InputError(f"{path}: is a file; give the model folder (with config.json and model.safetensors)")
+        raise InputError(f"{path}: no such model folder (distilflow loads saved model folders; no model hub "
+                         "is contacted)")
+    names = set(os.listdir(path))
+    if "config.json" not in names:
+        raise InputError(f"{path}: no config.json; give a folder written by save_pretrained (e.g. a "
+                         "`distilflow pretrain` output)")
+    if not any(n.endswith(".safetensors") or n == "model.safetensors.index.json" for n in names):
+        pickled = sorted(names & set(PICKLE_WEIGHTS))
+        if pickled:
+            raise InputError(
+                f"{path}: holds pickle weights only ({', '.join(pickled)}); distilflow loads safetensors only. "
+                "Convert once where you trust the file: python -c \"from transformers import AutoModel; "
+                f"AutoModel.from_pretrained('{path}').save_pretrained('{path}', safe_serialization=True)\"")
+        raise InputError(f"{path}: no model weights (model.safetensors) in the folder")
+
+
 def load_pretrained(cls: Any, path: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(path, **kwargs)`` under the process-wide model-loading lock."""
+    """``cls.from_pretrained(path, use_safetensors=True, **kwargs)`` under the process-wide loading lock.
+
+    Local folders are checked first (:func:`check_model_folder`); pickle weights are never read."""
+    hub = _is_hub_id(path)
+    if not hub:
+        check_model_folder(path)
     with _LOAD_LOCK:
-        return cls.from_pretrained(path, **kwargs)
+        try:
+            return cls.from_pretrained(path, use_safetensors=True, **kwargs)
+        except OSError as e:
+            if not hub:
+                raise
+            raise InputError(f"{path}: no such local model folder, and the model hub has no such model or "
+                             f"cannot be reached ({' '.join(str(e).split())[:200]})") from e
+
+
+def _is_hub_id(path: str) -> bool:
+    """``org/name`` or ``name`` that is not a local path: only meaningful where a model hub is reachable."""
+    return (not os.path.exists(path) and not path.startswith(("/", ".", "~")) and path.count("/") <= 1
+            and not os.path.exists(path.split("/")[0])  # runs/studnt: a typo in a local path, not a hub id
+            and os.environ.get("HF_HUB_OFFLINE", "0") != "1" and "://" not in path)
 
 
 def build_model(cls: type[T], config: Any) -> T:
