@@ -71,7 +71,13 @@ def commands(out: Path) -> list[tuple[str, list[str]]]:
                    "--log-every", "2", "--restrict-ce-to-mask", "--mask-source", "static"]),
         ("infer", ["fill-mask", "--input", str(out / "fm.jsonl"), "--output", str(out / "fm"),
                    "--model", str(out / "student"), "--top-k", "3", "--device", "cpu"]),
-        ("infer", ["qa", "--input", str(sq), "--output", str(out / "qa"), "--model", str(out / "student"),
+        # QA needs a QA head: the student's encoder + a head initialised from a fixed seed (plain transformers)
+        ("infer", ["python", "import torch, transformers as t; torch.manual_seed(0); "
+                   f"m = t.AutoModelForQuestionAnswering.from_pretrained({str(out / 'student')!r}); "
+                   f"m.save_pretrained({str(out / 'qa-model')!r}); "
+                   f"t.AutoTokenizer.from_pretrained({str(out / 'student')!r}).save_pretrained({str(out / 'qa-model')!r})",
+                   "--output", str(out / "qa-model")]),
+        ("infer", ["qa", "--input", str(sq), "--output", str(out / "qa"), "--model", str(out / "qa-model"),
                    "--device", "cpu"]),
         ("infer", ["embed", "--input", str(out / "fm.jsonl"), "--output", str(out / "emb"),
                    "--model", str(out / "student"), "--device", "cpu", "--normalize"]),
@@ -98,7 +104,10 @@ def run_all(site: Path | None, out: Path, only: set[str], log: Path) -> dict[str
         for group, argv in commands(out):
             if group not in only:
                 continue
-            cmd = [sys.executable, "-c", "import sys; from distilflow.cli import main; sys.exit(main())", *argv]
+            if argv[0] == "python":
+                cmd = [sys.executable, "-c", argv[1]]
+            else:
+                cmd = [sys.executable, "-c", "import sys; from distilflow.cli import main; sys.exit(main())", *argv]
             logf.write("$ distilflow " + " ".join(argv) + "\n")
             logf.flush()
             rc = subprocess.run(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=out).returncode
@@ -115,7 +124,7 @@ def data_files(root: Path) -> dict[str, Path]:
     for p in root.rglob("*"):
         if not p.is_file() or "checkpoints" in p.parts:
             continue
-        if p.suffix in (".parquet", ".safetensors") or p.name == "metrics.jsonl":
+        if (p.suffix in (".parquet", ".safetensors") or p.name == "metrics.jsonl") and "qa-model" not in p.parts:
             rel = p.relative_to(root).as_posix()
             out[rel.replace("/.", "/")] = p
     return out
