@@ -47,7 +47,7 @@ COMMANDS: dict[str, Command] = {
     "watch": Command("emit a Prefect event for each completely written file in DIR",
                      "distilflow.tasks.infer.config:WATCH", legacy="distilflow.flows.inference"),
     "server": Command("start a local Prefect server + process workers for the cpu/gpu pools in one command",
-                      "distilflow.tasks.ops.config:SERVER", legacy="distilflow.flows.ops"),
+                      "distilflow.tasks.ops.config:SERVER"),
     "doctor": Command("check this machine as a worker: storage read/write, torch, CUDA",
                       "distilflow.tasks.ops.config:DOCTOR"),
 }

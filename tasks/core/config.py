@@ -41,7 +41,8 @@ def option(default: Any = _MISSING, help: str = "", *, flag: str | None = None,
            aliases: Sequence[str] = (), false_flags: Sequence[str] = (), ge: float | None = None,
            gt: float | None = None, le: float | None = None, lt: float | None = None, metavar: str | None = None,
            sep: str | None = None, nargs: str | None = None, cli: bool = True, positional: bool = False,
-           affects_output: bool = True, factory: Callable[[], Any] | None = None) -> Any:
+           affects_output: bool = True, factory: Callable[[], Any] | None = None, const: Any = None,
+           repeat: bool = False) -> Any:
     """One option: ``lr: float = option(1e-4, "peak learning rate", gt=0)``.
 
     ``flag``: the command-line name (default ``--field-name``); ``aliases``: older names that still work;
@@ -49,10 +50,14 @@ def option(default: Any = _MISSING, help: str = "", *, flag: str | None = None,
     on construction. ``sep=","``: a list given as one comma-separated argument; ``nargs="+"``: as several
     arguments. ``cli=False``: not on the command line (derived or record-only fields).
     ``affects_output=False``: a run-time knob (workers, logging, resume) that never changes the results.
+    ``const``: the value of a flag given without one (``--deploy`` alone = ``--deploy prefect.yaml``).
+    ``repeat=True``: a list given by repeating the flag (``--bias-template A --bias-template B``); given
+    once it replaces the default, not given the default stays.
     """
     meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "false_flags": tuple(false_flags),
             "ge": ge, "gt": gt, "le": le, "lt": lt, "metavar": metavar, "sep": sep, "nargs": nargs,
-            "cli": cli, "positional": positional, "affects_output": affects_output}
+            "cli": cli, "positional": positional, "affects_output": affects_output, "const": const,
+            "repeat": repeat}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -149,6 +154,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Config], defaults: di
             inner = typing.get_args(base)[0]
             if meta.get("sep"):
                 kw["type"] = _split_type(meta["sep"], _scalar(inner))
+            elif meta.get("repeat"):
+                kw["action"], kw["type"] = "append", _scalar(inner)
             else:
                 kw["nargs"] = meta.get("nargs") or "+"
                 kw["type"] = _scalar(inner)
@@ -156,11 +163,15 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Config], defaults: di
             kw["choices"] = list(typing.get_args(base))
         else:
             kw["type"] = _scalar(base)
+            if meta.get("const") is not None:  # the flag alone means ``const``
+                kw["nargs"], kw["const"] = "?", meta["const"]
         if meta.get("positional"):
             parser.add_argument(f.name, **kw)
             continue
         if required:
             kw["required"] = True
+        elif meta.get("repeat"):  # argparse would append to the default; not given = the field's default
+            kw["default"] = argparse.SUPPRESS
         else:
             kw["default"] = default
         parser.add_argument(flag_of(f), *meta["aliases"], dest=f.name, **kw)

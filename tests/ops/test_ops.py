@@ -1,15 +1,16 @@
-"""Unit tests of the operations helpers (tasks/ops.py) and the quick paths of flows/ops.py."""
+"""Unit tests of the operations helpers (tasks/ops/supervisor.py) and the doctor flow; the server's
+options and supervisor wiring are in test_ops_options.py."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from distilflow.tasks.core.errors import UserError
 from distilflow.tasks.core.io import InputError
 from distilflow.tasks.ops.supervisor import Supervisor, free_port, probe_storage, stop_process, wait_http_ok
 
@@ -73,45 +74,6 @@ def test_wait_http_ok_times_out():
         wait_http_ok(f"http://127.0.0.1:{free_port()}/api/health", 0.5)
 
 
-def _server_parser():
-    import argparse
-
-    from distilflow.flows import ops
-
-    parser = argparse.ArgumentParser(prog="distilflow")
-    ops.register(parser.add_subparsers(dest="command"))
-    return parser
-
-
-def test_server_command_refuses_a_busy_port(tmp_path):
-    import contextlib
-    import io
-
-    from distilflow.flows.ops import run_server
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        args = _server_parser().parse_args(["server", "--port", str(port), "--log-dir", str(tmp_path)])
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err):
-            assert run_server(args) == 2
-    assert f"127.0.0.1:{port} is in use" in err.getvalue()
-    assert not list(tmp_path.iterdir()), "nothing may be started when the port is taken"
-
-
-def test_server_help_documents_every_option():
-    parser = _server_parser()
-    sub = parser._subparsers._group_actions[0].choices["server"]
-    text = sub.format_help()
-    for action in sub._actions:
-        for opt in action.option_strings:
-            assert opt in text
-        if action.dest != "help":
-            assert action.help and ("default" in action.help or action.dest in ("deploy",)), action.dest
-
-
 def test_doctor_flow_reports_storage_and_refuses_missing_gpu(prefect_test_harness_session, tmp_path):
     import torch
 
@@ -121,7 +83,7 @@ def test_doctor_flow_reports_storage_and_refuses_missing_gpu(prefect_test_harnes
     assert result["environment"]["torch"] == torch.__version__
     assert [p["url"] for p in result["storage"]] == [str(tmp_path)]
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="no CUDA device"):
+        with pytest.raises(UserError, match="no CUDA device"):
             doctor_flow(storage=[], require_gpu=True)
 
 
