@@ -23,23 +23,30 @@ install_prefect_console_filter()
 
 
 def config_flow(cls: type[Config], *, name: str, defaults: dict[str, Any] | None = None,
-                fixed: dict[str, Any] | None = None, **flow_kwargs: Any) -> Callable[[Callable[..., T]], Flow]:
+                fixed: dict[str, Any] | None = None, skip: tuple[str, ...] = (),
+                **flow_kwargs: Any) -> Callable[[Callable[..., T]], Flow]:
     """A Prefect flow whose parameters are the fields of the job config ``cls``.
 
     The decorated function takes the validated config (``body(cfg)``); the flow's signature -- what the
     UI's run form, ``prefect.yaml`` parameters and ``flow(**params)`` calls see -- is derived from the
     config's fields (typed, with their defaults, help texts as descriptions). ``fixed`` fields are set by
-    the flow and are not parameters (``mode="distill"``); ``defaults`` overrides defaults for this flow.
+    the flow and are not parameters (``mode="distill"``); ``defaults`` overrides defaults for this flow;
+    ``skip`` fields do not apply to this flow (not parameters; the config's default is used).
     """
     fixed = fixed or {}
+    hidden = (*fixed, *skip)
 
     def decorate(body: Callable[..., T]) -> Flow:
-        def fn(**params: Any) -> T:
-            return body(cls.from_dict({**params, **fixed}))
+        sig = signature(cls, skip=hidden, defaults=defaults)
+        # this flow's defaults also when ``fn`` is called directly (Prefect applies them from the signature)
+        flow_defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not p.empty}
 
-        fn.__signature__ = signature(cls, skip=tuple(fixed), defaults=defaults)  # type: ignore[attr-defined]
+        def fn(**params: Any) -> T:
+            return body(cls.from_dict({**flow_defaults, **params, **fixed}))
+
+        fn.__signature__ = sig  # type: ignore[attr-defined]
         fn.__name__, fn.__qualname__, fn.__module__ = body.__name__, body.__qualname__, body.__module__
-        fn.__doc__ = f"{(body.__doc__ or '').strip()}\n\n{docstring_args(cls, skip=tuple(fixed))}"
+        fn.__doc__ = f"{(body.__doc__ or '').strip()}\n\n{docstring_args(cls, skip=hidden)}"
         return flow(name=name, **flow_kwargs)(fn)
 
     return decorate

@@ -14,31 +14,20 @@ Progress (steps) is a Prefect progress artifact; the loss curves are a markdown 
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
-import sys
 from collections import deque
 from typing import Any, cast
 from uuid import UUID
 
-from prefect import flow, get_run_logger, task
+from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from distilflow.flows.common import markdown_table, publish
+from distilflow.flows.common import config_flow, markdown_table, publish
 from distilflow.tasks.core.config import ConfigError
 from distilflow.tasks.core.io import write_json
-from distilflow.tasks.core.stage import ResumeError
-from distilflow.tasks.train.data import DataError
-from distilflow.tasks.train.loop import (
-    DISTILL_DEFAULTS,
-    TrainConfig,
-    add_arguments,
-    config_from_args,
-    launch_command,
-    read_metrics,
-    train,
-)
+from distilflow.tasks.train.config import DISTILL_DEFAULTS, DISTILL_ONLY, PRETRAIN_ONLY, TrainConfig
+from distilflow.tasks.train.loop import launch_command, read_metrics, train
 
 METRICS_PREFIX = "[metrics] "
 
@@ -94,13 +83,13 @@ def _stream(cmd: list[str], on_line, env: dict[str, str]) -> tuple[int, list[str
 
 
 @task(name="train", tags=["gpu"])
-def train_task(cfg_dict: dict[str, Any], nproc_per_node: int = 0, launcher: str = "auto") -> dict[str, Any]:
+def train_task(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """One training job (1 process, or N torchrun processes on this host's GPUs)."""
     import json
 
     cfg = TrainConfig.from_dict(cfg_dict)
     logger = get_run_logger()
-    launcher, nproc = resolve_launcher(launcher, nproc_per_node)
+    launcher, nproc = resolve_launcher(cfg.launcher, cfg.nproc_per_node)
     progress = cast(UUID, create_progress_artifact(progress=0.0, description=f"{cfg.mode} -> {cfg.output}"))
     last = [0.0]
 
@@ -138,71 +127,42 @@ def train_task(cfg_dict: dict[str, Any], nproc_per_node: int = 0, launcher: str 
     return summary
 
 
-@flow(name="pretrain", log_prints=True)
-def pretrain_flow(data: str, output: str, config: str = "mini", settings: dict[str, Any] | None = None,
-                  nproc_per_node: int = 0, launcher: str = "auto") -> dict[str, Any]:
-    """BERT pretraining (MLM + NSP) on a prepared folder. ``settings``: other TrainConfig fields."""
-    # from_dict: flow parameters arrive JSON-shaped (lists where the config has tuples)
-    cfg = TrainConfig.from_dict({**(settings or {}), "mode": "pretrain", "data": data, "output": output,
-                                 "model": config})
-    return train_task(cfg.to_dict(), nproc_per_node, launcher)
+def _summary_line(cfg: TrainConfig, s: dict[str, Any]) -> str:
+    ev = s.get("eval")
+    msg = f"{cfg.mode}: {s.get('steps')} steps -> {cfg.output}"
+    if ev:
+        msg += f"; held-out masked-token accuracy {ev['accuracy']:.3f} (majority {ev['majority_baseline']:.3f})"
+    if s.get("teacher_eval"):
+        msg += f", teacher {s['teacher_eval']['accuracy']:.3f}"
+    return msg
 
 
-@flow(name="distill", log_prints=True)
-def distill_flow(data: str, teacher: str, output: str, settings: dict[str, Any] | None = None,
-                 nproc_per_node: int = 0, launcher: str = "auto") -> dict[str, Any]:
-    """DistilBERT distillation from ``teacher``. ``settings``: other TrainConfig fields (DistilBERT's
-    lr 5e-4, mlm_smoothing 0.7 and max_grad_norm 5 unless given)."""
-    cfg = TrainConfig.from_dict({**DISTILL_DEFAULTS, **(settings or {}), "mode": "distill", "data": data,
-                                 "output": output, "teacher": teacher})
-    return train_task(cfg.to_dict(), nproc_per_node, launcher)
+@config_flow(TrainConfig, name="pretrain", fixed={"mode": "pretrain"}, skip=DISTILL_ONLY, log_prints=True)
+def pretrain_flow(cfg: TrainConfig) -> dict[str, Any]:
+    """BERT pretraining (MLM + NSP) on a prepared folder."""
+    return train_task(cfg.to_dict())
 
 
-# -- command line ---------------------------------------------------------------------------------------
-def _launch_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nproc-per-node", type=int, default=0,
-                   help="training processes on this host (default 0: one per visible GPU, 1 on CPU)")
-    p.add_argument("--launcher", choices=["auto", "inprocess", "torchrun", "subprocess"], default="auto",
-                   help="auto (default): torchrun subprocess on CUDA hosts, in this process on CPU; "
-                        "subprocess: one plain process (logs streamed)")
+@config_flow(TrainConfig, name="distill", fixed={"mode": "distill"}, skip=PRETRAIN_ONLY,
+             defaults=DISTILL_DEFAULTS, log_prints=True)
+def distill_flow(cfg: TrainConfig) -> dict[str, Any]:
+    """DistilBERT distillation from ``teacher`` (DistilBERT's lr 5e-4, mlm_smoothing 0.7 and max_grad_norm 5
+    unless given)."""
+    return train_task(cfg.to_dict())
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pretrain", help="pretrain a BERT teacher (MLM + NSP) on a prepared folder",
-                       description="BERT pretraining (BertForPreTraining: MLM + NSP) from `distilflow prepare` "
-                       "output. The final model in --output loads with transformers.pipeline('fill-mask').")
-    add_arguments(p, "pretrain")
-    _launch_args(p)
-    p.set_defaults(func=_run("pretrain"))
-    p = sub.add_parser("distill", help="distil a DistilBERT student from a BERT teacher",
-                       description="DistilBERT distillation: student initialised from teacher layers, loss = "
-                       "a_ce*KL*T^2 + a_mlm*CE + a_cos*(1-cos). The student in --output loads with "
-                       "transformers.pipeline('fill-mask').")
-    add_arguments(p, "distill")
-    _launch_args(p)
-    p.set_defaults(func=_run("distill"))
+def run_pretrain(cfg: TrainConfig) -> int:
+    print(_summary_line(cfg, pretrain_flow(**_flow_params(cfg))))
+    return 0
 
 
-def _run(mode: str):
-    def run(a: argparse.Namespace) -> int:
-        try:
-            cfg = config_from_args(a, mode)
-            settings = {k: v for k, v in cfg.to_dict().items()
-                        if k not in ("mode", "data", "output", "model", "teacher")}
-            if mode == "pretrain":
-                s = pretrain_flow(cfg.data, cfg.output, cfg.model, settings, a.nproc_per_node, a.launcher)
-            else:
-                s = distill_flow(cfg.data, cfg.teacher, cfg.output, settings, a.nproc_per_node, a.launcher)
-        except (ConfigError, ResumeError, DataError, FileNotFoundError, ValueError) as e:
-            print(f"distilflow {mode}: error: {e}", file=sys.stderr)
-            return 2
-        ev = s.get("eval")
-        msg = f"{mode}: {s.get('steps')} steps -> {cfg.output}"
-        if ev:
-            msg += f"; held-out masked-token accuracy {ev['accuracy']:.3f} (majority {ev['majority_baseline']:.3f})"
-        if s.get("teacher_eval"):
-            msg += f", teacher {s['teacher_eval']['accuracy']:.3f}"
-        print(msg)
-        return 0
+def run_distill(cfg: TrainConfig) -> int:
+    print(_summary_line(cfg, distill_flow(**_flow_params(cfg))))
+    return 0
 
-    return run
+
+def _flow_params(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as the flow's parameters (``mode`` is fixed by the flow, the other command's fields are
+    not parameters of this one)."""
+    other = DISTILL_ONLY if cfg.mode == "pretrain" else PRETRAIN_ONLY
+    return {k: v for k, v in cfg.to_dict().items() if k != "mode" and k not in other}

@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,11 +47,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig, AutoTokenizer, BertForMaskedLM, BertForPreTraining, PreTrainedModel
 
-from distilflow.tasks.core.config import Config, ConfigError, require
+from distilflow.tasks.core.config import ConfigError
 from distilflow.tasks.core.hf import build_model, load_pretrained
-from distilflow.tasks.core.io import is_local, join, write_json
+from distilflow.tasks.core.io import join, write_json
 from distilflow.tasks.core.stage import ResumeError
 from distilflow.tasks.prepare.masking import IGNORE_INDEX, MaskConfig, Vocab
+from distilflow.tasks.train.config import TrainConfig
 from distilflow.tasks.train.data import (
     Collator,
     Examples,
@@ -63,7 +64,6 @@ from distilflow.tasks.train.data import (
 )
 from distilflow.tasks.train.losses import DistilLosses, ce_rows, combine
 from distilflow.tasks.train.models import (
-    PRESETS,
     check_student_layers,
     default_student_layers,
     forward_flops_per_token,
@@ -71,96 +71,9 @@ from distilflow.tasks.train.models import (
     teacher_config,
 )
 
-# Fields that may change between a run and its --resume (they do not change the numbers).
-RESUME_FREE = ("resume", "log_every", "save_every", "keep_checkpoints", "eval_every", "eval_data",
-               "eval_sequences", "tensorboard", "threads", "compile", "peak_tflops")
 EVAL_BATCH = 64  # sequences per held-out evaluation batch
-# DistilBERT's settings where they differ from the TrainConfig defaults (CLI and distill_flow use them).
-DISTILL_DEFAULTS: dict[str, Any] = {"lr": 5e-4, "mlm_smoothing": 0.7, "max_grad_norm": 5.0}
 # Dense bf16 peak FLOP/s by GPU name (for MFU); --peak-tflops overrides.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
-
-
-@dataclass(frozen=True)
-class TrainConfig(Config):
-    mode: Literal["pretrain", "distill"] = "pretrain"
-    data: str = ""  # prepared folder (DIR/tokenizer, DIR/pairs or DIR/masked)
-    output: str = ""  # local folder
-    model: str = "mini"  # pretrain: preset (tiny/mini/small/base) or a BertConfig json path
-    teacher: str = ""  # distill: folder (or hub id, where a hub is reachable) of a BERT model
-    student_layers: tuple[int, ...] = ()  # distill: () = DistilBERT's default for the teacher depth
-    mask_source: Literal["auto", "dynamic", "static"] = "auto"
-    mlm_prob: float = 0.15
-    whole_word: bool = False
-    mlm_smoothing: float = 0.0  # DistilBERT: 0.7
-    max_seq_len: int = 0  # drop longer rows; 0 = the model's max positions
-    batch_size: int = 32  # sequences per process per micro-batch
-    grad_accum: int = 1
-    max_steps: int = 0  # 0 = run `epochs` epochs
-    epochs: float = 1.0
-    lr: float = 1e-4
-    weight_decay: float = 0.01
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-6
-    warmup_steps: int = -1  # -1 = warmup_ratio of the total steps
-    warmup_ratio: float = 0.05
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    temperature: float = 2.0
-    alpha_ce: float = 5.0
-    alpha_mlm: float = 2.0
-    alpha_cos: float = 1.0
-    restrict_ce_to_mask: bool = False
-    dropout: float = 0.1  # pretrain: hidden and attention dropout of the new model
-    seed: int = 0
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
-    group_batches: int = 64  # length grouping: sort within groups of this many batches
-    log_every: int = 10
-    save_every: int = 0  # checkpoint every N steps (0 = only the last step)
-    keep_checkpoints: int = 2
-    eval_data: str = ""  # held-out prepared folder: masked-token accuracy at the end (and every eval_every)
-    eval_every: int = 0
-    eval_sequences: int = 2000
-    tensorboard: bool = False
-    threads: int = 0  # torch CPU threads (0 = torch's default)
-    peak_tflops: float = 0.0  # for MFU; 0 = from the GPU name
-    resume: bool = False
-
-    def check(self) -> None:
-        n = type(self).__name__
-        require(bool(self.data), n, "data", "is required (a prepared folder)")
-        require(bool(self.output), n, "output", "is required")
-        if self.mode == "distill":
-            require(bool(self.teacher), n, "teacher", "is required for distill (a BERT model folder)")
-            looks_local = self.teacher.startswith(("/", "./", "../", "~")) or os.path.exists(self.teacher)
-            require(not looks_local or os.path.isfile(os.path.join(os.path.expanduser(self.teacher), "config.json")),
-                    n, "teacher", f"{self.teacher}: no config.json there; give a saved model folder "
-                    "(e.g. a `distilflow pretrain` output)")
-        else:
-            require(self.model in PRESETS or self.model.endswith(".json") or os.path.isdir(self.model), n,
-                    "model", f"must be one of {sorted(PRESETS)} or a config .json path, got {self.model!r}")
-        require(0 < self.mlm_prob < 1, n, "mlm_prob", "must be in (0, 1)")
-        require(0 <= self.mlm_smoothing <= 2, n, "mlm_smoothing", "must be in [0, 2]")
-        require(self.batch_size > 0, n, "batch_size", "must be > 0")
-        require(self.grad_accum > 0, n, "grad_accum", "must be > 0")
-        require(self.max_steps >= 0, n, "max_steps", "must be >= 0 (0 = use epochs)")
-        require(self.max_steps > 0 or self.epochs > 0, n, "epochs", "must be > 0 when max_steps is 0")
-        require(self.lr > 0, n, "lr", "must be > 0")
-        require(self.warmup_steps >= -1, n, "warmup_steps", "must be >= 0, or -1 for warmup_ratio")
-        require(0 <= self.warmup_ratio < 1, n, "warmup_ratio", "must be in [0, 1)")
-        require(self.max_grad_norm >= 0, n, "max_grad_norm", "must be >= 0 (0 = off)")
-        require(self.temperature > 0, n, "temperature", "must be > 0")
-        require(min(self.alpha_ce, self.alpha_mlm, self.alpha_cos) >= 0, n, "alpha_ce", "alphas must be >= 0")
-        require(self.alpha_ce + self.alpha_mlm + self.alpha_cos > 0, n, "alpha_ce", "some alpha must be > 0")
-        require(0 <= self.dropout < 1, n, "dropout", "must be in [0, 1)")
-        require(self.log_every > 0, n, "log_every", "must be > 0")
-        require(self.save_every >= 0 and self.eval_every >= 0, n, "save_every", "must be >= 0")
-        require(self.keep_checkpoints >= 1, n, "keep_checkpoints", "must be >= 1")
-        require(self.group_batches >= 1, n, "group_batches", "must be >= 1")
-        require(is_local(self.output), n, "output", "must be a local folder (checkpoints are renamed in place)")
-
-    def fingerprint_for_resume(self) -> str:
-        return self.fingerprint(exclude=RESUME_FREE)
 
 
 # -- processes and devices ---------------------------------------------------------------------------
@@ -343,7 +256,7 @@ def load_checkpoint(d: Dist, cfg: TrainConfig, ckpt: str, model: PreTrainedModel
         state = json.load(f)
     if state["fingerprint"] != cfg.fingerprint_for_resume():
         raise ResumeError(f"{ckpt} was written with another config; --resume needs the same settings "
-                          f"(only {', '.join(RESUME_FREE)} may change). Use a new --output.")
+                          f"(only {', '.join(cfg.run_only_fields())} may change). Use a new --output.")
     if state["world_size"] != d.world:
         raise ResumeError(f"{ckpt}: written by {state['world_size']} process(es), now {d.world}; an exact "
                           "resume needs the same number (the data order depends on it)")
@@ -621,81 +534,6 @@ def train(cfg: TrainConfig, on_log: Callable[[dict[str, Any]], None] | None = No
     return summary
 
 
-# -- command line (shared with `distilflow pretrain|distill`) -------------------------------------------
-def _int_tuple(s: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,2,4, got {s!r}") from e
-
-
-def add_arguments(p: argparse.ArgumentParser, mode: str) -> None:
-    """The training options of ``pretrain`` / ``distill`` (defaults differ: DistilBERT's for distill)."""
-    p.add_argument("--data", required=True, help="prepared folder (from `distilflow prepare`)")
-    p.add_argument("--output", required=True, help="output folder (local): model, checkpoints, metrics")
-    if mode == "pretrain":
-        p.add_argument("--config", dest="model", default="mini",
-                       help=f"model size: a preset ({', '.join(f'{k}={v[0]}x{v[1]}' for k, v in PRESETS.items())}) "
-                            "or a BertConfig .json path (default: mini)")
-        p.add_argument("--dropout", type=float, default=0.1, help="hidden/attention dropout (default 0.1)")
-    else:
-        p.add_argument("--teacher", required=True, help="teacher BERT folder (e.g. a `distilflow pretrain` "
-                       "output) or a hub id where a model hub is reachable")
-        p.add_argument("--student-layers", type=_int_tuple, default=(),
-                       help="teacher layers copied into the student, e.g. 0,2,4,7,9,11 "
-                            "(default: that for a 12-layer teacher, every other layer otherwise)")
-        p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T (default 2)")
-        p.add_argument("--alpha-ce", type=float, default=5.0, help="weight of the KL term (default 5)")
-        p.add_argument("--alpha-mlm", type=float, default=2.0, help="weight of the MLM CE term (default 2)")
-        p.add_argument("--alpha-cos", type=float, default=1.0, help="weight of the cosine term (default 1)")
-        p.add_argument("--restrict-ce-to-mask", action="store_true",
-                       help="KL term on masked positions only (default: all non-padding tokens)")
-    p.add_argument("--mask-source", choices=["auto", "dynamic", "static"], default="auto",
-                   help="dynamic: mask DIR/pairs afresh per batch; static: DIR/masked as stored; "
-                        "auto (default): dynamic if DIR/pairs exists")
-    p.add_argument("--mlm-prob", type=float, default=0.15, help="dynamic masking rate (default 0.15)")
-    p.add_argument("--whole-word", action="store_true", help="dynamic whole-word masking (default off)")
-    p.add_argument("--mlm-smoothing", type=float, default=DISTILL_DEFAULTS["mlm_smoothing"] if mode == "distill" else 0.0,
-                   help="frequency smoothing of dynamic masks from pairs/token_counts.parquet "
-                        f"(default {0.7 if mode == 'distill' else 0.0}; DistilBERT used 0.7; 0 = uniform)")
-    p.add_argument("--max-seq-len", type=int, default=0, help="drop longer rows (default 0: model max positions)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per process per micro-batch (default 32)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--max-steps", type=int, default=0, help="optimizer steps (default 0: use --epochs)")
-    p.add_argument("--epochs", type=float, default=1.0, help="passes over the data if --max-steps is 0 (default 1)")
-    p.add_argument("--lr", type=float, default=DISTILL_DEFAULTS["lr"] if mode == "distill" else 1e-4,
-                   help=f"peak learning rate (default {5e-4 if mode == 'distill' else 1e-4})")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    p.add_argument("--adam-eps", type=float, default=1e-6, help="AdamW epsilon (default 1e-6)")
-    p.add_argument("--warmup-steps", type=int, default=-1, help="linear warmup steps (default -1: --warmup-ratio)")
-    p.add_argument("--warmup-ratio", type=float, default=0.05, help="warmup as a fraction of steps (default 0.05)")
-    p.add_argument("--max-grad-norm", type=float, default=DISTILL_DEFAULTS["max_grad_norm"] if mode == "distill" else 1.0,
-                   help=f"gradient clipping (default {5.0 if mode == 'distill' else 1.0}; 0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of init, data order, masks, dropout (default 0)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the encoders (default off)")
-    p.add_argument("--group-batches", type=int, default=64,
-                   help="length grouping: sort by length within groups of this many batches (default 64)")
-    p.add_argument("--log-every", type=int, default=10, help="steps per metrics line (default 10)")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default 0: at the end)")
-    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept (default 2)")
-    p.add_argument("--eval-data", default="", help="held-out prepared folder: masked-token accuracy (default none)")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default 0: at the end)")
-    p.add_argument("--eval-sequences", type=int, default=2000, help="held-out sequences used (default 2000)")
-    p.add_argument("--tensorboard", action="store_true", help="also write OUT/tensorboard (if installed)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default 0: torch's choice)")
-    p.add_argument("--peak-tflops", type=float, default=0.0,
-                   help="accelerator peak TFLOP/s for MFU (default 0: from the GPU name; no MFU on CPU)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in OUT (exact)")
-
-
-def config_from_args(args: argparse.Namespace, mode: str) -> TrainConfig:
-    names = set(TrainConfig.__dataclass_fields__)
-    kw = {k: v for k, v in vars(args).items() if k in names and k != "mode"}
-    return TrainConfig(mode=mode, **kw)  # type: ignore[arg-type]
-
-
 def launch_command(config_json: str, nproc_per_node: int, torchrun: bool = True) -> list[str]:
     """The command the Prefect task runs: ``torchrun --standalone --nproc-per-node N -m
     distilflow.tasks.train.loop run CONFIG_JSON`` (or plain ``python -m ...`` for one process)."""
@@ -719,11 +557,15 @@ def read_metrics(output: str) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from distilflow.tasks.train.config import DISTILL, PRETRAIN
+
     parser = argparse.ArgumentParser(prog="python -m distilflow.tasks.train.loop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
-    for mode in ("pretrain", "distill"):
-        add_arguments(sub.add_parser(mode), mode)
+    for mode, spec in (("pretrain", PRETRAIN), ("distill", DISTILL)):
+        p = sub.add_parser(mode)
+        spec.add_to(p)
+        p.set_defaults(spec=spec)
     rerun = sub.add_parser("run", help="run a saved TrainConfig json (what the Prefect task launches)")
     rerun.add_argument("config_json")
     args = parser.parse_args(argv)
@@ -731,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.config_json) as f:
             cfg = TrainConfig.from_dict(json.load(f))
     else:
-        cfg = config_from_args(args, args.mode)
+        cfg = args.spec.config_from(args)
     try:
         train(cfg)
     finally:

@@ -18,15 +18,10 @@ from typing import Any
 import torch
 from transformers import BertConfig, DistilBertConfig, DistilBertForMaskedLM, PreTrainedModel
 
+from distilflow.tasks.core.errors import ConfigError
 from distilflow.tasks.core.hf import build_model
+from distilflow.tasks.train.config import PRESETS
 
-# name -> (layers, hidden, heads, ffn). Widths follow Turc et al. 2019 ("Well-Read Students") names.
-PRESETS: dict[str, tuple[int, int, int, int]] = {
-    "tiny": (2, 64, 2, 256),
-    "mini": (4, 256, 4, 1024),
-    "small": (4, 512, 8, 2048),
-    "base": (12, 768, 12, 3072),
-}
 DISTILBERT_LAYERS_12 = (0, 2, 4, 7, 9, 11)  # the layers DistilBERT took from BERT-base
 
 
@@ -41,14 +36,14 @@ def teacher_config(spec: str, vocab_size: int, max_position_embeddings: int = 51
                           hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
     if not os.path.isfile(path):
-        raise ValueError(f"--config {spec!r}: not a preset ({', '.join(PRESETS)}) and no such config file")
+        raise ConfigError(f"TrainConfig.model: --config {spec!r}: not a preset ({', '.join(PRESETS)}) and no such config file")
     with open(path) as f:
         raw: dict[str, Any] = json.load(f)
     if raw.get("model_type", "bert") != "bert":
-        raise ValueError(f"{path}: model_type {raw.get('model_type')!r}; the teacher must be a BERT config")
+        raise ConfigError(f"{path}: model_type {raw.get('model_type')!r}; the teacher must be a BERT config")
     cfg = BertConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "transformers_version")})
     if cfg.vocab_size != vocab_size:
-        raise ValueError(f"{path}: vocab_size {cfg.vocab_size} != tokenizer's {vocab_size}; "
+        raise ConfigError(f"{path}: vocab_size {cfg.vocab_size} != tokenizer's {vocab_size}; "
                          "the data was prepared with another tokenizer")
     return cfg
 
@@ -62,13 +57,13 @@ def default_student_layers(n_teacher_layers: int) -> tuple[int, ...]:
 
 def check_student_layers(layers: tuple[int, ...], n_teacher_layers: int) -> None:
     if not layers:
-        raise ValueError("--student-layers: at least one layer is needed")
+        raise ConfigError("TrainConfig.student_layers: at least one layer is needed")
     bad = [i for i in layers if not 0 <= i < n_teacher_layers]
     if bad:
-        raise ValueError(f"--student-layers: {bad} out of range for a {n_teacher_layers}-layer teacher "
+        raise ConfigError(f"TrainConfig.student_layers: {bad} out of range for a {n_teacher_layers}-layer teacher "
                          f"(valid: 0..{n_teacher_layers - 1})")
     if list(layers) != sorted(set(layers)):
-        raise ValueError(f"--student-layers: {list(layers)} must be strictly increasing")
+        raise ConfigError(f"TrainConfig.student_layers: {list(layers)} must be strictly increasing")
 
 
 def student_config(teacher: BertConfig, n_layers: int) -> DistilBertConfig:
