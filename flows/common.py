@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -16,6 +16,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTa
 from tqdm import tqdm
 
 from distilflow.tasks.core.config import Config, docstring_args, signature
+from distilflow.tasks.core.markdown import markdown_table as _markdown_table
 from distilflow.tasks.core.terminal import install_prefect_console_filter
 
 T = TypeVar("T")
@@ -117,20 +118,26 @@ def run_in_subflow(fn: Any, name: str, runner: Any, **kwargs: Any) -> Any:
     return flow(name=name, log_prints=True)(fn).with_options(task_runner=runner)(**kwargs)
 
 
-def wait_with_progress(futures: list[PrefectFuture], title: str, key: str | None = None) -> list[Any]:
+def wait_with_progress(futures: list[PrefectFuture], title: str, key: str | None = None,
+                       sizes: list[float] | None = None, unit: str = "shard") -> list[Any]:
     """Wait for all futures with a terminal progress bar and a Prefect progress artifact.
 
     Results come back in submission order; the first failure is raised after all have settled, so
-    finished shards are kept (and their markers written) even when one shard fails.
+    finished shards are kept (and their markers written) even when one shard fails. ``sizes`` (one per
+    future, in ``unit``: MB, tokens ...) make the bar count work instead of futures, so it shows MB/s or
+    tokens/s.
     """
     total = len(futures)
     artifact_id: Any = create_progress_artifact(progress=0.0, description=title, key=key) if total else None
     done = 0
     show = os.environ.get("DISTILFLOW_PROGRESS", "1") != "0"
-    with tqdm(total=total, desc=title, unit="shard", disable=not show or total == 0) as bar:
-        for _ in as_completed(futures):
+    size_of = {id(f): s for f, s in zip(futures, sizes, strict=True)} if sizes is not None else {}
+    bar_total = sum(size_of.values()) if sizes is not None else total
+    with tqdm(total=bar_total, desc=title, unit=unit, unit_scale=sizes is not None,
+              disable=not show or total == 0) as bar:
+        for fut in as_completed(futures):
             done += 1
-            bar.update(1)
+            bar.update(size_of.get(id(fut), 1))
             if artifact_id is not None:
                 update_progress_artifact(artifact_id, progress=100.0 * done / total)
     errors = [f for f in futures if f.state.is_failed() or f.state.is_crashed()]
@@ -140,22 +147,9 @@ def wait_with_progress(futures: list[PrefectFuture], title: str, key: str | None
     return [f.result() for f in futures]
 
 
-def markdown_table(rows: Iterable[dict[str, Any]], columns: list[str] | None = None) -> str:
-    rows = list(rows)
-    if not rows:
-        return "_(no rows)_\n"
-    columns = columns or list(rows[0])
-    head = "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
-    body = "".join("| " + " | ".join(_fmt(r.get(c, "")) for c in columns) + " |\n" for r in rows)
-    return head + body
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return str(v)
+# markdown_table moved to tasks/core/markdown.py (reports are rendered in tasks/, without Prefect); kept
+# importable from here for the flows that use it.
+markdown_table = _markdown_table
 
 
 def publish(markdown: str, key: str | None = None, description: str | None = None) -> None:

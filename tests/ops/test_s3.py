@@ -87,15 +87,16 @@ def test_prepare_then_fill_mask_fully_on_s3(s3_env, prefect_test_harness_session
     fs.pipe("distilflow/landing/book.txt", _landing_text())
     fs.put(str(bert_tokenizer_path) + "/", "distilflow/tokenizer/", recursive=True)
     params = {"max_seq_len": 64, "dupe_factor": 2, "workers": 1}
-    result = prepare_flow(["s3://distilflow/landing"], "s3://distilflow/prepared", "s3://distilflow/tokenizer",
-                          **params)
+    result = prepare_flow(inputs=["s3://distilflow/landing"], output="s3://distilflow/prepared",
+                          tokenizer="s3://distilflow/tokenizer", **params)
     assert result["masked"] > 0
 
     # the same job on local disk gives the same data: storage does not change results (only the
     # provenance columns differ, they hold the input URL)
     (tmp_path / "landing").mkdir()
     (tmp_path / "landing" / "book.txt").write_bytes(_landing_text())
-    prepare_flow([str(tmp_path / "landing")], str(tmp_path / "prepared"), str(bert_tokenizer_path), **params)
+    prepare_flow(inputs=[str(tmp_path / "landing")], output=str(tmp_path / "prepared"),
+                 tokenizer=str(bert_tokenizer_path), **params)
     for stage in ("corpus", "pairs", "masked"):
         remote = sorted(p for p in fs.ls(f"distilflow/prepared/{stage}") if p.endswith(".parquet"))
         local = sorted((tmp_path / "prepared" / stage).glob("*.parquet"))
@@ -141,8 +142,8 @@ def test_unauthorised_bucket_fails_fast_naming_the_url(tmp_path, monkeypatch, pr
         _use_endpoint(monkeypatch, endpoint, "not-a-known-key", "wrong")
         t0 = time.monotonic()
         with pytest.raises(InputError) as err:
-            prepare_flow(["s3://locked-bucket/landing"], str(tmp_path / "out"), str(bert_tokenizer_path),
-                         max_seq_len=64, workers=1)
+            prepare_flow(inputs=["s3://locked-bucket/landing"], output=str(tmp_path / "out"),
+                         tokenizer=str(bert_tokenizer_path), max_seq_len=64, workers=1)
         assert time.monotonic() - t0 < 30
         assert "s3://locked-bucket/landing" in str(err.value) and "permission denied" in str(err.value).lower()
         assert not (tmp_path / "out" / "corpus").exists()

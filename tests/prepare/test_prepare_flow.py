@@ -47,7 +47,7 @@ def corpus_dir(tmp_path_factory) -> Path:
 def _prepare(inputs, out, **kw):
     from distilflow.flows.prepare import prepare_flow
 
-    return prepare_flow([str(i) for i in inputs], str(out), str(BERT_TOKENIZER), **kw)
+    return prepare_flow(inputs=[str(i) for i in inputs], output=str(out), tokenizer=str(BERT_TOKENIZER), **kw)
 
 
 def test_prepare_end_to_end_with_bad_input(prefect_test_harness_session, corpus_dir, tmp_path):

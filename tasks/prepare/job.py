@@ -1,0 +1,211 @@
+"""The prepare job around its units of work: planning, tokenizer copy, stage reports. No Prefect here.
+
+``flows/prepare.py`` only submits the units these functions plan (one Prefect task each) and publishes the
+reports they render; everything a stage decides -- which units exist, which folder and record it writes,
+what its report says -- is here, unit-tested without Prefect.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from distilflow.tasks.core.errors import InputError, ResumeError
+from distilflow.tasks.core.io import exists, expand_inputs, file_size, is_local, join
+from distilflow.tasks.core.stage import StageDir, read_manifest
+from distilflow.tasks.prepare.config import (
+    MaskOptions,
+    PairsOptions,
+    ShardOptions,
+    mask_record,
+    pairs_record,
+    shard_record,
+)
+
+
+@dataclass
+class StagePlan:
+    """One stage of a run: its opened output folder, the stage record, and its units (key -> arguments of
+    the unit function after ``stage, record``), with each unit's size for the progress bar."""
+
+    stage: StageDir
+    record: Any
+    units: dict[str, tuple[Any, ...]]
+    sizes: dict[str, float] = field(default_factory=dict)
+    unit: str = "MB"  # what ``sizes`` count (the progress bar's rate: MB/s or tokens/s)
+    tokenizer: str = ""  # local tokenizer folder the units load (pairs, mask)
+
+    def pending(self) -> list[str]:
+        return [k for k in self.units if not self.stage.is_done(k)]
+
+
+# -- tokenizer ---------------------------------------------------------------------------------------------
+def local_tokenizer(url: str) -> str:
+    """Tokenizers load from local folders; a remote ``DIR/tokenizer`` is copied to a temp cache once."""
+    if is_local(url):
+        return url
+    import fsspec
+
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]  # stable across processes (unlike hash())
+    cache = os.path.join(tempfile.gettempdir(), "distilflow-tok", digest)
+    if not os.path.exists(os.path.join(cache, "tokenizer.json")):
+        fs, path = fsspec.core.url_to_fs(url)
+        tmp = cache + f".tmp{os.getpid()}"
+        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        if os.path.exists(cache):  # another worker finished first
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, cache)
+    return cache
+
+
+def save_tokenizer(src: str, output: str) -> str:
+    """Copy the tokenizer into ``DIR/tokenizer`` (what the training job loads). Returns its URL."""
+    from distilflow.tasks.prepare.pairs import load_tokenizer, tokenizer_sha256
+
+    dest = join(output, "tokenizer")
+    src = local_tokenizer(src)  # an s3:// tokenizer folder is fetched to a local cache first
+    if exists(join(dest, "tokenizer.json")):
+        if tokenizer_sha256(local_tokenizer(dest)) != tokenizer_sha256(src):
+            raise ResumeError(f"{dest} holds a different tokenizer than {src}; use a new --output or --overwrite")
+        return dest
+    tok = load_tokenizer(src)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save_pretrained(tmp)
+        if is_local(dest):
+            os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+            for stale in glob.glob(dest + ".tmp*"):  # left by a killed run
+                shutil.rmtree(stale, ignore_errors=True)
+            staged = dest + f".tmp{os.getpid()}"
+            shutil.copytree(tmp, staged)
+            os.replace(staged, dest)
+        else:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(dest)
+            fs.put(tmp.rstrip("/") + "/", path, recursive=True)
+    return dest
+
+
+def preflight(cfg: Any) -> None:
+    """Fail fast, before any flow run starts: inputs exist, the tokenizer folder exists."""
+    if isinstance(cfg, ShardOptions):
+        expand_inputs(list(cfg.inputs))
+    if isinstance(cfg, PairsOptions) and is_local(cfg.tokenizer) and not os.path.isdir(cfg.tokenizer):
+        raise InputError(f"--tokenizer {cfg.tokenizer}: no such folder (expected a folder with tokenizer.json)")
+
+
+# -- planning ----------------------------------------------------------------------------------------------
+def _hash(items: list[str]) -> str:
+    return hashlib.sha256("\n".join(items).encode()).hexdigest()[:8]
+
+
+def plan_shard(cfg: ShardOptions, overwrite: bool = False) -> StagePlan:
+    """Input files -> one unit per file (keyed by its position in the sorted input list)."""
+    from distilflow.tasks.prepare.shard import plan_shard_units
+
+    record = shard_record(cfg)
+    files = expand_inputs(list(cfg.inputs))
+    stage = StageDir(cfg.output, "corpus", {**record.to_dict(), "inputs": files}, record.fingerprint() + _hash(files))
+    stage.open(overwrite)
+    units = plan_shard_units(files)
+    return StagePlan(stage, record, {u.key: (u,) for u in units},
+                     sizes={u.key: file_size(u.url) / 1e6 for u in units}, unit="MB")
+
+
+def plan_pairs(cfg: PairsOptions, overwrite: bool = False) -> StagePlan:
+    """``corpus`` parts -> one unit per part; the tokenizer is copied into ``DIR/tokenizer`` first."""
+    from distilflow.tasks.prepare.pairs import tokenizer_sha256
+
+    corpus = read_manifest(join(cfg.output, "corpus"))
+    tok_url = save_tokenizer(cfg.tokenizer, cfg.output)
+    record = pairs_record(cfg, tokenizer_sha256(local_tokenizer(tok_url)))
+    stage = StageDir(cfg.output, "pairs", {**record.to_dict(), "corpus": corpus["fingerprint"]},
+                     record.fingerprint() + corpus["fingerprint"][:8])
+    stage.open(overwrite)
+    corpus_url = join(cfg.output, "corpus")
+    parts = [f["file"] for f in corpus["files"]]
+    units: dict[str, tuple[Any, ...]] = {}
+    for i, p in enumerate(parts):
+        # a part holding a single document borrows its random B documents from the next part
+        neighbour = join(corpus_url, parts[(i + 1) % len(parts)]) if len(parts) > 1 else None
+        units[p.removesuffix(".parquet")] = (join(corpus_url, p), neighbour, tok_url)
+    sizes = {f["file"].removesuffix(".parquet"): f.get("chars", 0) / 1e6 for f in corpus["files"]}
+    return StagePlan(stage, record, units, sizes=sizes, unit="MB", tokenizer=tok_url)
+
+
+def plan_mask(cfg: MaskOptions, overwrite: bool = False) -> StagePlan:
+    """``pairs`` parts -> one unit per part."""
+    pairs = read_manifest(join(cfg.output, "pairs"))
+    tok_url = join(cfg.output, "tokenizer")
+    record = mask_record(cfg, pairs["config"]["tokenizer_sha256"])
+    stage = StageDir(cfg.output, "masked", {**record.to_dict(), "pairs": pairs["fingerprint"]},
+                     record.fingerprint() + pairs["fingerprint"][:8])
+    stage.open(overwrite)
+    pairs_url = join(cfg.output, "pairs")
+    units = {f["file"].removesuffix(".parquet"): (join(pairs_url, f["file"]), tok_url, pairs_url)
+             for f in pairs["files"]}
+    sizes = {f["file"].removesuffix(".parquet"): float(f.get("tokens", 0)) for f in pairs["files"]}
+    return StagePlan(stage, record, units, sizes=sizes, unit="tok", tokenizer=tok_url)
+
+
+def finish_pairs(plan: StagePlan) -> dict[str, Any]:
+    """Merge the per-part token counts, then write the manifest."""
+    from distilflow.tasks.prepare.pairs import load_tokenizer, merge_token_counts
+
+    keys = list(plan.units)
+    vocab_size = len(load_tokenizer(local_tokenizer(plan.tokenizer)))
+    merge_token_counts(plan.stage.url, keys, vocab_size)
+    return plan.stage.write_manifest(keys, {"tokenizer": "tokenizer", "vocab_size": vocab_size})
+
+
+# -- reports -----------------------------------------------------------------------------------------------
+def stage_report(stage: str, manifest: dict[str, Any], seconds: float) -> list[dict[str, Any]]:
+    """The rows of a stage's report (metric, value): sizes, speed and the stage's own shares."""
+    c = manifest["counts"]
+    rows: list[dict[str, Any]] = [
+        {"metric": "units (tasks)", "value": manifest["units"]},
+        {"metric": "output files", "value": len(manifest["files"])},
+        {"metric": "rows", "value": manifest["rows"]},
+        {"metric": "tokens", "value": manifest["tokens"]},
+        {"metric": "wall seconds", "value": round(seconds, 2)},
+    ]
+    secs = max(seconds, 1e-9)
+    if stage == "corpus":
+        rows.append({"metric": "input MB/s", "value": round(c.get("input_bytes", 0) / 1e6 / secs, 2)})
+    elif stage == "pairs":
+        n_pairs = c.get("label_0", 0) + c.get("label_1", 0)
+        if n_pairs:
+            rows.append({"metric": "NSP label 1 (random B) share", "value": round(c.get("label_1", 0) / n_pairs, 4)})
+        rows.append({"metric": "tokens/s", "value": round(manifest["tokens"] / secs)})
+    elif stage == "masked":
+        sel = max(c.get("selected", 0), 1)
+        rows += [
+            {"metric": "selected / candidates", "value": round(c.get("selected", 0) / max(c.get("candidates", 1), 1), 4)},
+            {"metric": "[MASK] share of selected", "value": round(c.get("as_mask", 0) / sel, 4)},
+            {"metric": "random share of selected", "value": round(c.get("random", 0) / sel, 4)},
+            {"metric": "unchanged share of selected", "value": round(c.get("unchanged", 0) / sel, 4)},
+        ]
+    rows += [{"metric": f"skipped: {k}", "value": v} for k, v in manifest["skipped"].items()]
+    rows += [{"metric": k, "value": v} for k, v in c.items()]
+    return rows
+
+
+def prepare_summary(output: str, manifests: dict[str, dict[str, Any]], seconds: float,
+                    workers: int) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+    """(the flow's result, the summary table's rows, its headline) of a whole prepare run."""
+    corpus, pairs, masked = manifests["corpus"], manifests["pairs"], manifests["masked"]
+    in_mb = corpus["counts"].get("input_bytes", 0) / 1e6
+    rows = [{"stage": name, "files": len(m["files"]), "rows": m["rows"], "tokens": m["tokens"] if name != "corpus" else "",
+             "skipped": m["skipped_total"]} for name, m in manifests.items()]
+    headline = (f"{in_mb:.1f} MB of input in {seconds:.1f} s ({in_mb / max(seconds, 1e-9):.2f} MB/s, "
+                f"{workers} worker(s)).")
+    result = {"output": output, "seconds": seconds, "input_mb": in_mb, "corpus": corpus["rows"],
+              "pairs": pairs["rows"], "masked": masked["rows"], "tokens": pairs["tokens"]}
+    return result, rows, headline
