@@ -76,7 +76,8 @@ class Config:
     def __post_init__(self) -> None:
         hints = _hints(type(self))
         for f in dataclasses.fields(self):
-            value = _canonical(getattr(self, f.name), hints[f.name])
+            value = _canonical(_one_or_many(getattr(self, f.name), hints[f.name], f.metadata.get("sep")),
+                               hints[f.name])
             object.__setattr__(self, f.name, value)
             if not _isinstance(value, hints[f.name]):
                 raise ConfigError(f"{type(self).__name__}.{f.name}: expected {_type_name(hints[f.name])}, "
@@ -262,7 +263,24 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if len(args) == 1:
             return args[0], True
+        if _one_or_many_type(tp):  # ``str | tuple[str, ...]``: the command line gives the list form
+            return next(a for a in args if _is_sequence(a)), False
     return tp, False
+
+
+def _one_or_many_type(tp: Any) -> bool:
+    """``str | tuple[str, ...]``: a list field that flow callers and event triggers may also give as one
+    string (a deployment trigger's ``"{{ event.payload.path }}"``)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+    return len(args) == 2 and str in args and any(_is_sequence(a) and typing.get_args(a)[0] is str for a in args)
+
+
+def _one_or_many(value: Any, tp: Any, sep: str | None) -> Any:
+    """One string for a ``str | tuple[str, ...]`` field -> a tuple (split on the option's ``sep``), so
+    ``"a,b"`` and ``["a", "b"]`` are the same config."""
+    if not isinstance(value, str) or not _one_or_many_type(tp):
+        return value
+    return tuple(x.strip() for x in value.split(sep) if x.strip()) if sep else (value,)
 
 
 def _is_sequence(tp: Any) -> bool:

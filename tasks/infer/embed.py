@@ -8,41 +8,14 @@ Output Parquet: ``row_id`` int64, ``embedding`` fixed_size_list<float32>[hidden]
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import pyarrow as pa
 import torch
 
-from distilflow.tasks.core.config import Config, require
 from distilflow.tasks.core.hf import load_pretrained, resolve_device
 from distilflow.tasks.infer.batch_io import ErrorRow, InputRow, WindowResult, length_sorted_batches
-
-
-@dataclass(frozen=True)
-class EmbedConfig(Config):
-    model: str
-    pooling: Literal["mean", "cls"] = "mean"
-    normalize: bool = False
-    text_column: str = "text"
-    keep_columns: tuple[str, ...] = ()
-    max_length: int = 0  # 0 = the model's limit
-    too_long: Literal["truncate", "error"] = "truncate"
-    batch_size: int = 64
-    format: Literal["parquet", "json"] = "parquet"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    window_rows: int = 4096
-    threads: int = 0
-
-    def check(self) -> None:
-        n = type(self).__name__
-        require(self.batch_size >= 1, n, "batch_size", "must be >= 1")
-        require(self.max_length == 0 or self.max_length >= 2, n, "max_length", "must be 0 or >= 2")
-        require(self.window_rows >= 1, n, "window_rows", "must be >= 1")
-
-    def output_fingerprint(self) -> str:
-        return self.fingerprint(exclude=("batch_size", "window_rows", "threads", "device"))
+from distilflow.tasks.infer.config import EmbedConfig
 
 
 @functools.lru_cache(maxsize=2)
@@ -50,8 +23,8 @@ def load_encoder(model: str, device: str = "auto") -> tuple[Any, torch.nn.Module
     from transformers import AutoModel, AutoTokenizer
 
     dev = resolve_device(device)
-    tok = AutoTokenizer.from_pretrained(model)
     m = load_pretrained(AutoModel, model).eval().to(dev)  # a *ForMaskedLM folder loads its encoder
+    tok = AutoTokenizer.from_pretrained(model)  # after the model: a missing folder is named as such
     return tok, m, dev
 
 

@@ -29,17 +29,17 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 from torch import nn
 
-from distilflow.tasks.core.config import Config, require
+from distilflow.tasks.core.errors import ConfigError, InputError
 from distilflow.tasks.core.hf import load_pretrained, resolve_device
 from distilflow.tasks.infer.batch_io import ErrorRow, InputRow, WindowResult, length_sorted_batches
+from distilflow.tasks.infer.config import FillMaskConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,40 +54,6 @@ FILL_MASK_SCHEMA = pa.schema([
     pa.field("score", pa.float32(), nullable=False),
     pa.field("sequence", pa.string(), nullable=False),
 ])
-
-
-@dataclass(frozen=True)
-class FillMaskConfig(Config):
-    model: str
-    top_k: int = 5
-    targets: tuple[str, ...] = ()
-    text_column: str = "text"
-    keep_columns: tuple[str, ...] = ()
-    batch_size: int = 64
-    max_length: int = 0  # 0 = the model's limit (max_position_embeddings, tokenizer.model_max_length)
-    too_long: Literal["truncate", "error"] = "truncate"
-    format: Literal["parquet", "json"] = "parquet"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    quantize: Literal["none", "int8"] = "none"
-    window_rows: int = 4096
-    threads: int = 0  # 0 = torch default
-
-    def check(self) -> None:
-        n = type(self).__name__
-        require(bool(self.model), n, "model", "give a model folder or hub id")
-        require(self.top_k >= 1, n, "top_k", "must be >= 1")
-        require(self.batch_size >= 1, n, "batch_size", "must be >= 1")
-        require(self.max_length == 0 or self.max_length >= 3, n, "max_length", "must be 0 (model limit) or >= 3")
-        require(self.window_rows >= self.batch_size, n, "window_rows", "must be >= batch_size")
-        require(self.threads >= 0, n, "threads", "must be >= 0")
-        require(all(t.strip() for t in self.targets), n, "targets", "empty target word")
-        require(not (self.quantize == "int8" and self.device == "cuda"), n, "quantize",
-                "int8 dynamic quantisation runs on CPU only; use --device cpu")
-
-    def output_fingerprint(self) -> str:
-        """Fields that change the outputs (batching, threads and device choice do not)."""
-        return self.fingerprint(exclude=("batch_size", "window_rows", "threads", "device"))
 
 
 def normalize_masks(text: str, mask_token: str) -> str:
@@ -113,7 +79,7 @@ def pipeline_target_ids(tokenizer: Any, targets: Sequence[str]) -> np.ndarray:
         ids.append(id_)
     ids = list(set(ids))  # the pipeline de-duplicates with a set: keep its order for equal scores
     if not ids:
-        raise ValueError(f"none of the targets {list(targets)} maps to a vocabulary token")
+        raise ConfigError(f"FillMaskConfig.targets: none of {list(targets)} maps to a vocabulary token")
     return np.array(ids)
 
 
@@ -201,13 +167,15 @@ def load_mlm(model: str, device: str = "auto", dtype: str = "auto") -> tuple[Any
 
     dev = resolve_device(device)
     compute = torch.bfloat16 if (dtype == "bfloat16" or (dtype == "auto" and dev.type == "cuda")) else torch.float32
-    tok = AutoTokenizer.from_pretrained(model)
     kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
     try:
         m = load_pretrained(AutoModelForMaskedLM, model, **kwargs)
+    except InputError:
+        raise
     except (ValueError, ImportError):  # architectures without SDPA support
         m = load_pretrained(AutoModelForMaskedLM, model)
     m.eval().to(dev)
+    tok = AutoTokenizer.from_pretrained(model)  # after the model: a missing folder is named as such
     return tok, m, dev, compute
 
 
@@ -223,7 +191,7 @@ class FillMasker:
         self.tokenizer, self.model, self.device, self.dtype = load_mlm(cfg.model, cfg.device, cfg.dtype)
         tok = self.tokenizer
         if tok.mask_token_id is None:
-            raise ValueError(f"{cfg.model}: the tokenizer has no mask token; this is not a fill-mask model")
+            raise InputError(f"{cfg.model}: the tokenizer has no mask token; this is not a fill-mask model")
         self.input_columns = (cfg.text_column,)
         limit = int(getattr(self.model.config, "max_position_embeddings", 512) or 512)
         if type(self.model).__name__.startswith(("Roberta", "XLMRoberta", "Camembert")):

@@ -18,17 +18,16 @@ Rows run in length-sorted batches of features (batch_io machinery, like fill-mas
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
-from transformers.pipelines.document_question_answering import select_starts_ends
 
-from distilflow.tasks.core.config import Config, require
+from distilflow.tasks.core.errors import InputError
 from distilflow.tasks.core.hf import load_pretrained, resolve_device
 from distilflow.tasks.infer.batch_io import ErrorRow, InputRow, WindowResult, length_sorted_batches
+from distilflow.tasks.infer.config import QAConfig
 
 QA_SCHEMA = pa.schema([
     pa.field("row_id", pa.int64(), nullable=False),
@@ -40,46 +39,15 @@ QA_SCHEMA = pa.schema([
 ])
 
 
-@dataclass(frozen=True)
-class QAConfig(Config):
-    model: str
-    question_column: str = "question"
-    context_column: str = "context"
-    keep_columns: tuple[str, ...] = ()
-    top_k: int = 1
-    max_seq_len: int = 384
-    doc_stride: int = 128
-    max_answer_len: int = 15
-    handle_impossible_answer: bool = False
-    align_to_words: bool = True
-    batch_size: int = 32
-    format: Literal["parquet", "json"] = "parquet"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    window_rows: int = 1024
-    threads: int = 0
-
-    def check(self) -> None:
-        n = type(self).__name__
-        require(self.top_k >= 1, n, "top_k", "must be >= 1")
-        require(self.max_seq_len >= 8, n, "max_seq_len", "must be >= 8")
-        require(0 <= self.doc_stride < self.max_seq_len, n, "doc_stride", "must be in [0, max_seq_len)")
-        require(self.max_answer_len >= 1, n, "max_answer_len", "must be >= 1")
-        require(self.batch_size >= 1, n, "batch_size", "must be >= 1")
-        require(self.window_rows >= 1, n, "window_rows", "must be >= 1")
-
-    def output_fingerprint(self) -> str:
-        return self.fingerprint(exclude=("batch_size", "window_rows", "threads", "device"))
-
-
 @functools.lru_cache(maxsize=2)
 def load_qa(model: str, device: str = "auto") -> tuple[Any, torch.nn.Module, torch.device]:
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
     dev = resolve_device(device)
-    tok = AutoTokenizer.from_pretrained(model)
-    if not tok.is_fast:
-        raise ValueError(f"{model}: batch QA needs a fast tokenizer (offsets / word ids)")
     m = load_pretrained(AutoModelForQuestionAnswering, model).eval().to(dev)
+    tok = AutoTokenizer.from_pretrained(model)  # after the model: a missing folder is named as such
+    if not tok.is_fast:
+        raise InputError(f"{model}: batch QA needs a fast tokenizer (tokenizer.json: offsets / word ids)")
     return tok, m, dev
 
 
@@ -170,6 +138,9 @@ class QuestionAnswerer:
     def _postprocess(self, context: str, enc: Any, feats: list[dict[str, Any]],
                      logits: list[tuple[np.ndarray, np.ndarray]]) -> list[dict[str, Any]]:
         """The pipeline's ``postprocess`` for one example (all its features)."""
+        # imported here: transformers.pipelines costs ~3 s of start-up that fill-mask and embed never need
+        from transformers.pipelines.document_question_answering import select_starts_ends
+
         cfg = self.cfg
         tok = self.tokenizer
         min_null_score = 1000000.0

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,12 @@ def _mtime(info: dict[str, Any]) -> float:
 
 def is_ignored(name: str, patterns: tuple[str, ...] = TEMP_PATTERNS) -> bool:
     return name.startswith(".") or any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def default_state_url(folder: str) -> str:
+    """``~/.distilflow/watch-<folder as a file name>.json``: one state file per watched folder."""
+    name = "".join(ch if ch.isalnum() else "_" for ch in folder.rstrip("/"))
+    return os.path.join(os.path.expanduser("~"), ".distilflow", f"watch-{name}.json")
 
 
 class FolderWatcher:

@@ -15,8 +15,8 @@ def test_fill_mask_on_dask_matches_local(prefect_test_harness_session, tmp_path,
     inputs.mkdir()
     (inputs / "a.txt").write_text("Paris is the [MASK] of France.\nNo mask here.\nThe [MASK] sat on the [mask].\n")
     (inputs / "b.jsonl").write_text('{"text": "A [MASK] day."}\n{"text": "It was [MASK] and [MASK]."}\n')
-    local = fill_mask_flow(str(inputs), str(tmp_path / "local"), model, top_k=3)
-    dask = fill_mask_flow(str(inputs), str(tmp_path / "dask"), model, top_k=3, dask_workers=2)
+    local = fill_mask_flow(input=str(inputs), output=str(tmp_path / "local"), model=model, top_k=3)
+    dask = fill_mask_flow(input=str(inputs), output=str(tmp_path / "dask"), model=model, top_k=3, dask_workers=2)
     assert local["rows"] == dask["rows"] > 0
     for name in ("a.parquet", "b.parquet"):
         a, b = pq.read_table(tmp_path / "local" / name), pq.read_table(tmp_path / "dask" / name)
