@@ -5,11 +5,12 @@ Each flow runs one Prefect task, ``train``, tagged ``gpu``: create a tag concurr
 share a GPU by accident. The task either
 
 * runs :func:`distilflow.tasks.train.loop.train` in this process (``launcher="inprocess"``; CPU default), or
-* launches ``torchrun --standalone --nproc-per-node N -m distilflow.tasks.train.loop run CONFIG`` as a
+* launches ``torchrun --standalone --nproc-per-node N -m distilflow.tasks.train run CONFIG`` as a
   subprocess (``launcher="torchrun"``; the default when CUDA is available, N = number of GPUs) and
   streams its output into the Prefect logger.
 
-Progress (steps) is a Prefect progress artifact; the loss curves are a markdown table artifact.
+Both ways the run's readable metrics lines reach the Prefect log; progress (steps) is a progress artifact
+and the loss curves a markdown artifact.
 """
 
 from __future__ import annotations
@@ -17,60 +18,25 @@ from __future__ import annotations
 import os
 import subprocess
 from collections import deque
+from collections.abc import Callable
 from typing import Any, cast
 from uuid import UUID
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from tqdm import tqdm
 
-from distilflow.flows.common import config_flow, markdown_table, publish
-from distilflow.tasks.core.config import ConfigError
+from distilflow.flows.common import config_flow, publish
 from distilflow.tasks.core.io import write_json
+from distilflow.tasks.train.checkpoint import read_metrics
 from distilflow.tasks.train.config import DISTILL_DEFAULTS, DISTILL_ONLY, PRETRAIN_ONLY, TrainConfig
-from distilflow.tasks.train.loop import launch_command, read_metrics, train
-
-METRICS_PREFIX = "[metrics] "
-
-
-def resolve_launcher(launcher: str, nproc_per_node: int) -> tuple[str, int]:
-    """``auto``: torchrun on a CUDA host (one process per visible GPU), in-process on CPU."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    nproc = nproc_per_node or (torch.cuda.device_count() if cuda else 1)
-    if launcher == "auto":
-        launcher = "torchrun" if cuda else "inprocess"
-    if launcher == "inprocess" and nproc != 1:
-        raise ConfigError(f"launcher inprocess runs one process; use --launcher torchrun for {nproc}")
-    if launcher not in ("inprocess", "torchrun", "subprocess"):
-        raise ConfigError(f"launcher: {launcher!r}; use auto, inprocess, torchrun or subprocess")
-    return launcher, nproc
+from distilflow.tasks.train.launch import launch_command, resolve_launcher
+from distilflow.tasks.train.loop import train
+from distilflow.tasks.train.metrics import format_line, parse_step
+from distilflow.tasks.train.report import loss_curve_markdown
 
 
-def loss_curve_markdown(cfg: TrainConfig, records: list[dict[str, Any]], summary: dict[str, Any],
-                        points: int = 20) -> str:
-    """A table of ~``points`` evenly spaced metric records (the loss curves) and the final numbers."""
-    if records:
-        idx = sorted({round(i * (len(records) - 1) / max(1, points - 1)) for i in range(points)})
-        rows = [records[i] for i in idx]
-    else:
-        rows = []
-    terms = ["loss_ce", "loss_mlm", "loss_cos"] if cfg.mode == "distill" else ["loss_mlm", "loss_nsp"]
-    cols = ["step", "loss", *terms, "mlm_acc", "lr", "grad_norm", "tokens_per_s"]
-    if any("mfu" in r for r in rows):
-        cols.append("mfu")
-    md = f"# {cfg.mode}: {cfg.output}\n\n## Loss curves\n\n" + markdown_table(rows, cols)
-    ev = summary.get("eval")
-    if ev:
-        md += "\n## Held-out masked-token accuracy\n\n"
-        table = [{"model": "student" if cfg.mode == "distill" else "model", **ev}]
-        if summary.get("teacher_eval"):
-            table.append({"model": "teacher", **summary["teacher_eval"]})
-        md += markdown_table(table, ["model", "accuracy", "loss", "masked_tokens", "majority_baseline"])
-    return md
-
-
-def _stream(cmd: list[str], on_line, env: dict[str, str]) -> tuple[int, list[str]]:
+def _stream(cmd: list[str], on_line: Callable[[str], None], env: dict[str, str]) -> tuple[int, list[str]]:
     tail: deque[str] = deque(maxlen=60)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                           env=env) as proc:
@@ -93,11 +59,17 @@ def train_task(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     progress = cast(UUID, create_progress_artifact(progress=0.0, description=f"{cfg.mode} -> {cfg.output}"))
     last = [0.0]
 
-    def on_log(rec: dict[str, Any]) -> None:  # the metrics line itself is logged as printed
-        pct = 100.0 * rec["step"] / max(1, rec["total_steps"])
+    def on_progress(step: int, total: int) -> None:
+        pct = 100.0 * step / max(1, total)
         if pct - last[0] >= 1.0 or pct >= 100.0:  # at most ~100 artifact updates per run
             update_progress_artifact(progress, progress=pct)
             last[0] = pct
+
+    def on_log(rec: dict[str, Any]) -> None:
+        with tqdm.external_write_mode():  # the line above the run's progress bar, not through it
+            logger.info(format_line(rec))
+        if "total_steps" in rec:
+            on_progress(rec["step"], rec["total_steps"])
 
     logger.info(f"{cfg.mode}: launcher={launcher} processes={nproc} output={cfg.output}")
     if launcher == "inprocess":
@@ -112,8 +84,8 @@ def train_task(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         def on_line(line: str) -> None:
             if line.strip():
                 logger.info(line)
-            if line.startswith(METRICS_PREFIX):
-                on_log(json.loads(line[len(METRICS_PREFIX):]))
+            if (pos := parse_step(line)) is not None:
+                on_progress(*pos)
 
         env = {**os.environ, "DISTILFLOW_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
         rc, tail = _stream(cmd, on_line, env)
@@ -125,16 +97,6 @@ def train_task(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     publish(loss_curve_markdown(cfg, read_metrics(cfg.output), summary), key=f"{cfg.mode}-loss-curves",
             description=f"{cfg.mode} loss curves and held-out accuracy")
     return summary
-
-
-def _summary_line(cfg: TrainConfig, s: dict[str, Any]) -> str:
-    ev = s.get("eval")
-    msg = f"{cfg.mode}: {s.get('steps')} steps -> {cfg.output}"
-    if ev:
-        msg += f"; held-out masked-token accuracy {ev['accuracy']:.3f} (majority {ev['majority_baseline']:.3f})"
-    if s.get("teacher_eval"):
-        msg += f", teacher {s['teacher_eval']['accuracy']:.3f}"
-    return msg
 
 
 @config_flow(TrainConfig, name="pretrain", fixed={"mode": "pretrain"}, skip=DISTILL_ONLY, log_prints=True)
@@ -152,13 +114,23 @@ def distill_flow(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def run_pretrain(cfg: TrainConfig) -> int:
-    print(_summary_line(cfg, pretrain_flow(**_flow_params(cfg))))
+    print(summary_line(cfg, pretrain_flow(**_flow_params(cfg))))
     return 0
 
 
 def run_distill(cfg: TrainConfig) -> int:
-    print(_summary_line(cfg, distill_flow(**_flow_params(cfg))))
+    print(summary_line(cfg, distill_flow(**_flow_params(cfg))))
     return 0
+
+
+def summary_line(cfg: TrainConfig, s: dict[str, Any]) -> str:
+    ev = s.get("eval")
+    msg = f"{cfg.mode}: {s.get('steps')} steps -> {cfg.output}"
+    if ev:
+        msg += f"; held-out masked-token accuracy {ev['accuracy']:.3f} (majority {ev['majority_baseline']:.3f})"
+    if s.get("teacher_eval"):
+        msg += f", teacher {s['teacher_eval']['accuracy']:.3f}"
+    return msg
 
 
 def _flow_params(cfg: TrainConfig) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +31,7 @@ from distilflow.tasks.core.io import exists, join, listdir, read_parquet
 from distilflow.tasks.core.rng import derive_rng
 from distilflow.tasks.core.stage import read_manifest
 from distilflow.tasks.prepare.masking import IGNORE_INDEX, MaskConfig, Vocab, mask_padded, smoothing_weights
+from distilflow.tasks.train.config import TrainConfig
 
 REQUIRED = {"pairs": ("input_ids", "token_type_ids", "next_sentence_label"),
             "masked": ("input_ids", "token_type_ids", "next_sentence_label", "labels")}
@@ -234,3 +236,34 @@ def eval_batches(ex: Examples, collate: Collator, batch_size: int, seed: int,
     order = np.argsort(-ex.lengths[:n], kind="stable")
     return [collate(order[i: i + batch_size], derive_rng(seed, "eval-mask", i))
             for i in range(0, n, batch_size)]
+
+
+EVAL_BATCH = 64  # sequences per held-out evaluation batch
+
+
+def training_batches(cfg: TrainConfig, tokenizer: Any, world: int, rank: int, max_len: int
+                     ) -> tuple[StepBatches, str]:
+    """This rank's batches of ``cfg.data`` (``StepBatches``: step -> micro-batches) and the mask source
+    used (``dynamic``: pairs masked per batch, ``static``: the stored masks)."""
+    source = resolve_source(cfg.data, cfg.mask_source)
+    ex = load_examples(cfg.data, "pairs" if source == "dynamic" else "masked", max_len)
+    vocab = Vocab.from_tokenizer(tokenizer)
+    weights = load_token_weights(cfg.data, vocab.size, cfg.mlm_smoothing) if ex.labels is None else None
+    collate = Collator(ex, tokenizer.pad_token_id, vocab, _mask_config(cfg), weights, pad_multiple=8)
+    return StepBatches(ex, collate, cfg.batch_size, cfg.seed, world, rank, cfg.grad_accum, cfg.group_batches), source
+
+
+def heldout_batches(cfg: TrainConfig, tokenizer: Any, max_len: int) -> list[dict[str, torch.Tensor]] | None:
+    """Fixed held-out batches of ``cfg.eval_data`` (None without one). Uniform masks (no smoothing), so
+    held-out accuracy is comparable between runs; a fixed batch size, because the eval masks are drawn per
+    batch and must not depend on ``--batch-size``."""
+    if not cfg.eval_data:
+        return None
+    src = "pairs" if resolve_source(cfg.eval_data, cfg.mask_source) == "dynamic" else "masked"
+    ev = load_examples(cfg.eval_data, src, max_len)
+    collate = Collator(ev, tokenizer.pad_token_id, Vocab.from_tokenizer(tokenizer), _mask_config(cfg), None)
+    return eval_batches(ev, collate, EVAL_BATCH, cfg.seed, cfg.eval_sequences)
+
+
+def _mask_config(cfg: TrainConfig) -> MaskConfig:
+    return MaskConfig(mlm_prob=cfg.mlm_prob, whole_word=cfg.whole_word, smoothing=cfg.mlm_smoothing)

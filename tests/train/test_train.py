@@ -186,7 +186,7 @@ def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path, prepare
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     ddp_out, one_out = tmp_path / "ddp", tmp_path / "one"
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                        "-m", "distilflow.tasks.train.loop", *common, "--output", str(ddp_out)],
+                        "-m", "distilflow.tasks.train", *common, "--output", str(ddp_out)],
                        env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     train(_cfg(mode="pretrain", data=str(prepared), output=str(one_out), model="tiny", batch_size=4,
@@ -235,13 +235,13 @@ def test_cli_flows_inprocess_and_torchrun(tmp_path, prepared, teacher, prefect_t
 
 
 def test_launch_command_and_curve_table():
-    from distilflow.flows.train import loss_curve_markdown
-    from distilflow.tasks.train.loop import launch_command
+    from distilflow.tasks.train.launch import launch_command
+    from distilflow.tasks.train.report import loss_curve_markdown
 
     cmd = launch_command("/o/launch_config.json", 4)
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4"]
-    assert cmd[-3:] == ["distilflow.tasks.train.loop", "run", "/o/launch_config.json"]
-    assert launch_command("c.json", 1, torchrun=False)[1:] == ["-m", "distilflow.tasks.train.loop", "run", "c.json"]
+    assert cmd[-3:] == ["distilflow.tasks.train", "run", "/o/launch_config.json"]
+    assert launch_command("c.json", 1, torchrun=False)[1:] == ["-m", "distilflow.tasks.train", "run", "c.json"]
     recs = [{"step": i, "loss": 10.0 - i / 10, "loss_ce": 1.0, "loss_mlm": 2.0, "loss_cos": 0.1, "lr": 1e-4,
              "tokens_per_s": 100.0} for i in range(1, 101)]
     md = loss_curve_markdown(TrainConfig(mode="distill", data="d", output="/tmp/o", teacher="t"), recs, {})

@@ -1,0 +1,152 @@
+"""Everything a training run reads from or writes to its output folder ``OUT`` -- and nothing else does.
+
+    OUT/train_config.json            the TrainConfig of the run
+    OUT/metrics.jsonl                one JSON record per log interval (+ held-out evaluation records)
+    OUT/checkpoints/step-XXXXXXXX/   model (safetensors), optimizer.pt, scheduler.pt, rng-rank<r>.pt,
+                                     trainer_state.json (step, data position, world size, fingerprint)
+    OUT/config.json, model.safetensors, tokenizer files, README.md (model card), summary.json, curves.png
+
+A checkpoint is written into ``.tmp-step-X`` and renamed when complete, so a killed run never leaves a
+half-written one; the newest ``keep_checkpoints`` are kept. Resuming checks the config fingerprint (the
+fields that change the weights) and the world size (the data order depends on it).
+
+Kept in one module so that other storage (object stores) changes this file only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from distilflow.tasks.core.hf import load_pretrained
+from distilflow.tasks.core.io import write_json
+from distilflow.tasks.core.stage import ResumeError
+from distilflow.tasks.train.config import TrainConfig
+from distilflow.tasks.train.launch import Dist
+
+
+class RunDir:
+    """The output folder of one training run."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg, self.path = cfg, cfg.output
+        self.metrics_path = os.path.join(self.path, "metrics.jsonl")
+        self.summary_path = os.path.join(self.path, "summary.json")
+
+    # -- state of the folder -------------------------------------------------------------------------
+    def checkpoints(self) -> list[str]:
+        root = os.path.join(self.path, "checkpoints")
+        if not os.path.isdir(root):
+            return []
+        return sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("step-"))
+
+    def finished(self) -> dict[str, Any] | None:
+        """The summary of a finished run with the same config (nothing to do twice), else None."""
+        if not (os.path.exists(self.summary_path) and self.checkpoints()):
+            return None
+        with open(self.summary_path) as f:
+            done = json.load(f)
+        return done if done.get("fingerprint") == self.cfg.fingerprint_for_resume() else None
+
+    def open(self) -> str | None:
+        """Make the folder; the checkpoint to resume from (None: start fresh). Refuses to overwrite."""
+        existing = self.checkpoints()
+        if existing and not self.cfg.resume:
+            raise ResumeError(f"{self.path} already has checkpoints; pass --resume to continue, or use a new "
+                              "--output")
+        os.makedirs(self.path, exist_ok=True)
+        return existing[-1] if existing else None
+
+    def start(self, step: int) -> None:
+        """Rank 0, before the first step: the config of record; metrics after ``step`` dropped (they are
+        produced again by the resumed run)."""
+        write_json(os.path.join(self.path, "train_config.json"), self.cfg.to_dict())
+        if not os.path.exists(self.metrics_path):
+            return
+        with open(self.metrics_path) as f:
+            lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        with open(self.metrics_path + ".tmp", "w") as f:
+            f.writelines(lines)
+        os.replace(self.metrics_path + ".tmp", self.metrics_path)
+
+    def append_metrics(self, rec: dict[str, Any]) -> None:
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def save_checkpoint(self, d: Dist, step: int, model: Any, optimizer: torch.optim.Optimizer,
+                        scheduler: Any, position: dict[str, int]) -> str:
+        """All ranks call this (each saves its RNG state). Atomic: written to a temp folder, then renamed."""
+        root = os.path.join(self.path, "checkpoints")
+        final = os.path.join(root, f"step-{step:08d}")
+        tmp = os.path.join(root, f".tmp-step-{step:08d}")
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            model.save_pretrained(tmp, safe_serialization=True)
+            torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+            torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+            write_json(os.path.join(tmp, "train_config.json"), self.cfg.to_dict())
+            write_json(os.path.join(tmp, "trainer_state.json"),
+                       {"step": step, "position": position, "world_size": d.world,
+                        "fingerprint": self.cfg.fingerprint_for_resume()})
+        d.barrier()
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state(d.device)
+        torch.save(rng, os.path.join(tmp, f"rng-rank{d.rank}.pt"))
+        d.barrier()
+        if d.main:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        d.barrier()
+        return final
+
+    def load_checkpoint(self, d: Dist, ckpt: str, model: Any, optimizer: torch.optim.Optimizer,
+                        scheduler: Any) -> int:
+        """Restore model, optimizer, scheduler and this rank's RNG; returns the step to continue from."""
+        with open(os.path.join(ckpt, "trainer_state.json")) as f:
+            state = json.load(f)
+        if state["fingerprint"] != self.cfg.fingerprint_for_resume():
+            raise ResumeError(f"{ckpt} was written with another config; --resume needs the same settings "
+                              f"(only {', '.join(self.cfg.run_only_fields())} may change). Use a new --output.")
+        if state["world_size"] != d.world:
+            raise ResumeError(f"{ckpt}: written by {state['world_size']} process(es), now {d.world}; an exact "
+                              "resume needs the same number (the data order depends on it)")
+        loaded = load_pretrained(type(model), ckpt)
+        model.load_state_dict(loaded.state_dict())
+        optimizer.load_state_dict(torch.load(os.path.join(ckpt, "optimizer.pt"), weights_only=True,
+                                             map_location=d.device))
+        scheduler.load_state_dict(torch.load(os.path.join(ckpt, "scheduler.pt"), weights_only=True))
+        rng = torch.load(os.path.join(ckpt, f"rng-rank{d.rank}.pt"), weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"], d.device)
+        return int(state["step"])
+
+    # -- the final model --------------------------------------------------------------------------------
+    def save_final(self, model: Any, tokenizer: Any, summary: dict[str, Any]) -> None:
+        """Rank 0: the model and tokenizer (``from_pretrained(OUT)``) and ``summary.json``."""
+        model.save_pretrained(self.path, safe_serialization=True)
+        tokenizer.save_pretrained(self.path)
+        write_json(self.summary_path, summary)
+
+    def write_text(self, name: str, text: str) -> None:
+        with open(os.path.join(self.path, name), "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def read_metrics(output: str, evals: bool = False) -> list[dict[str, Any]]:
+    """The training records of ``OUT/metrics.jsonl`` (with ``evals``: the held-out records instead)."""
+    path = os.path.join(output, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        recs = [json.loads(ln) for ln in f if ln.strip()]
+    return [r for r in recs if ("eval_accuracy" in r) == evals and ("loss" in r or evals)]
