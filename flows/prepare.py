@@ -59,9 +59,8 @@ def pairs_task(key: str, corpus_url: str, neighbour: str | None, tokenizer: str,
 
 
 @task(name="mask-part", retries=1, retry_delay_seconds=2)
-def mask_task(key: str, pairs_url: str, tokenizer: str, pairs_stage: str, stage: StageDir,
-              record: Any) -> dict[str, Any]:
-    return _unit(stage, key, mask_part, pairs_url, key, stage, record, job.local_tokenizer(tokenizer), pairs_stage)
+def mask_task(key: str, pairs_url: str, tokenizer: str, stage: StageDir, record: Any) -> dict[str, Any]:
+    return _unit(stage, key, mask_part, pairs_url, key, stage, record, job.local_tokenizer(tokenizer))
 
 
 def _run(plan: job.StagePlan, unit_task: Any, title: str) -> None:
@@ -88,7 +87,7 @@ def run_shard_stage(cfg: ShardJobConfig | PrepareConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     plan = job.plan_shard(cfg, cfg.overwrite)
     _run(plan, shard_task, "shard")
-    return _publish("corpus", plan.stage.write_manifest(list(plan.units)), t0)
+    return _publish("corpus", job.finish_stage(plan), t0)
 
 
 def run_pairs_stage(cfg: PairsJobConfig | PrepareConfig) -> dict[str, Any]:
@@ -96,7 +95,7 @@ def run_pairs_stage(cfg: PairsJobConfig | PrepareConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     plan = job.plan_pairs(cfg, cfg.overwrite)
     _run(plan, pairs_task, "pairs")
-    return _publish("pairs", job.finish_pairs(plan), t0)
+    return _publish("pairs", job.finish_stage(plan), t0)
 
 
 def run_mask_stage(cfg: MaskJobConfig | PrepareConfig) -> dict[str, Any]:
@@ -104,7 +103,7 @@ def run_mask_stage(cfg: MaskJobConfig | PrepareConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     plan = job.plan_mask(cfg, cfg.overwrite)
     _run(plan, mask_task, "mask")
-    return _publish("masked", plan.stage.write_manifest(list(plan.units)), t0)
+    return _publish("masked", job.finish_stage(plan), t0)
 
 
 def _prepare_stages(cfg: PrepareConfig) -> dict[str, Any]:
@@ -160,7 +159,7 @@ def run_prepare(cfg: PrepareConfig) -> int:
     job.preflight(cfg)
     r = prepare_flow(**cfg.to_dict())
     print(f"prepared {r['input_mb']:.1f} MB -> {r['corpus']} documents, {r['pairs']} sequences, {r['tokens']:,} tokens "
-          f"in {r['seconds']:.1f} s; outputs in {cfg.output}/{{corpus,pairs,masked}} (see manifest.json in each)")
+          f"in {r['seconds']:.1f} s; datasets in {cfg.output}/{{corpus,pairs,masked}} (described in {cfg.output}/README.md)")
     return 0
 
 

@@ -117,6 +117,17 @@ def run_all(site: Path | None, out: Path, only: set[str], log: Path) -> dict[str
     return codes
 
 
+# Files whose place changed between versions (the prepared layout of issue 13: token counts in their own
+# folder, per-part counts in the hidden bookkeeping folder): compared under their new name.
+MOVED = (("/pairs/token_counts.parquet", "/token_counts/token_counts.parquet"), ("/_counts/", "/.distilflow/counts/"))
+
+
+def canonical(rel: str) -> str:
+    for old, new in MOVED:
+        rel = rel.replace(old, new)
+    return rel
+
+
 def data_files(root: Path) -> dict[str, Path]:
     """Parquet data and weights under ``root``, keyed by relative path (bookkeeping may move between
     versions, data may not)."""
@@ -125,7 +136,7 @@ def data_files(root: Path) -> dict[str, Path]:
         if not p.is_file() or "checkpoints" in p.parts:
             continue
         if (p.suffix in (".parquet", ".safetensors") or p.name == "metrics.jsonl") and "qa-model" not in p.parts:
-            rel = p.relative_to(root).as_posix()
+            rel = canonical("/" + p.relative_to(root).as_posix())[1:]
             out[rel.replace("/.", "/")] = p
     return out
 

@@ -63,8 +63,9 @@ def expand_inputs(urls: list[str] | tuple[str, ...]) -> list[str]:
         try:
             if any(c in path for c in "*?["):
                 found = [p for p in fs.glob(path) if fs.isfile(p)]
-            elif fs.isdir(path):
-                found = [p for p in fs.find(path)]
+            elif fs.isdir(path):  # hidden folders inside it too (an output folder's .distilflow/ bookkeeping)
+                root = path.rstrip("/") + "/"
+                found = [p for p in fs.find(path) if not any(s.startswith(".") for s in p[len(root):].split("/"))]
             elif fs.isfile(path):
                 found = [path]
             else:

@@ -149,20 +149,26 @@ def plan_mask(cfg: MaskOptions, overwrite: bool = False) -> StagePlan:
                      record.fingerprint() + pairs["fingerprint"][:8])
     stage.open(overwrite)
     pairs_url = join(cfg.output, "pairs")
-    units = {f["file"].removesuffix(".parquet"): (join(pairs_url, f["file"]), tok_url, pairs_url)
-             for f in pairs["files"]}
+    units = {f["file"].removesuffix(".parquet"): (join(pairs_url, f["file"]), tok_url) for f in pairs["files"]}
     sizes = {f["file"].removesuffix(".parquet"): float(f.get("tokens", 0)) for f in pairs["files"]}
     return StagePlan(stage, record, units, sizes=sizes, unit="tok", tokenizer=tok_url)
 
 
-def finish_pairs(plan: StagePlan) -> dict[str, Any]:
-    """Merge the per-part token counts, then write the manifest."""
-    from distilflow.tasks.prepare.pairs import load_tokenizer, merge_token_counts
+def finish_stage(plan: StagePlan) -> dict[str, Any]:
+    """After the units: the manifest (pairs: the token counts first), then the dataset card ``DIR/README.md``."""
+    from distilflow.tasks.prepare.card import write_dataset_card
 
     keys = list(plan.units)
-    vocab_size = len(load_tokenizer(local_tokenizer(plan.tokenizer)))
-    merge_token_counts(plan.stage.url, keys, vocab_size)
-    return plan.stage.write_manifest(keys, {"tokenizer": "tokenizer", "vocab_size": vocab_size})
+    extra = None
+    if plan.stage.stage == "pairs":
+        from distilflow.tasks.prepare.pairs import load_tokenizer, merge_token_counts
+
+        vocab_size = len(load_tokenizer(local_tokenizer(plan.tokenizer)))
+        merge_token_counts(plan.stage, keys, vocab_size)
+        extra = {"tokenizer": "tokenizer", "vocab_size": vocab_size}
+    manifest = plan.stage.write_manifest(keys, extra)
+    write_dataset_card(plan.stage.root)
+    return manifest
 
 
 # -- reports -----------------------------------------------------------------------------------------------
@@ -209,3 +215,29 @@ def prepare_summary(output: str, manifests: dict[str, dict[str, Any]], seconds: 
     result = {"output": output, "seconds": seconds, "input_mb": in_mb, "corpus": corpus["rows"],
               "pairs": pairs["rows"], "masked": masked["rows"], "tokens": pairs["tokens"]}
     return result, rows, headline
+
+
+# -- without Prefect ---------------------------------------------------------------------------------------
+def run_local(cfg: Any) -> dict[str, dict[str, Any]]:
+    """All stages of ``cfg`` (a PrepareConfig) in this process, without Prefect: the same units, records and
+    outputs as the flow (tests, profiling, notebooks). Returns the manifests by stage."""
+    from distilflow.tasks.prepare.mask import mask_part
+    from distilflow.tasks.prepare.pairs import pairs_part
+    from distilflow.tasks.prepare.shard import shard_file
+
+    out = {}
+    plan = plan_shard(cfg, cfg.overwrite)
+    for key in plan.pending():
+        shard_file(*plan.units[key], plan.stage, plan.record)
+    out["corpus"] = finish_stage(plan)
+    plan = plan_pairs(cfg, cfg.overwrite)
+    for key in plan.pending():
+        corpus_url, neighbour, tok = plan.units[key]
+        pairs_part(corpus_url, key, neighbour, plan.stage, plan.record, local_tokenizer(tok))
+    out["pairs"] = finish_stage(plan)
+    plan = plan_mask(cfg, cfg.overwrite)
+    for key in plan.pending():
+        pairs_url, tok = plan.units[key]
+        mask_part(pairs_url, key, plan.stage, plan.record, local_tokenizer(tok))
+    out["masked"] = finish_stage(plan)
+    return out

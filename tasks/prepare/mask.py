@@ -45,15 +45,14 @@ class MaskStageConfig(Config):
                           max_predictions=self.max_predictions)
 
 
-def mask_part(pairs_url: str, key: str, stage: StageDir, cfg: MaskStageConfig, tokenizer_path: str,
-              pairs_stage_url: str) -> dict[str, Any]:
+def mask_part(pairs_url: str, key: str, stage: StageDir, cfg: MaskStageConfig, tokenizer_path: str) -> dict[str, Any]:
     """Mask every row of one pairs part ``dupe_factor`` times; write ``masked/<key>.parquet``."""
     tok = load_tokenizer(tokenizer_path)
     vocab = Vocab.from_tokenizer(tok)
     mcfg = cfg.mask_config()
     weights = None
     if mcfg.smoothing > 0:
-        weights = smoothing_weights(read_token_counts(pairs_stage_url, vocab.size), mcfg.smoothing)
+        weights = smoothing_weights(read_token_counts(stage.root, vocab.size), mcfg.smoothing)
     counts: Counter[str] = Counter()
     tables: list[pa.Table] = []
     for dupe in range(cfg.dupe_factor):

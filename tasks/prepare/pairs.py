@@ -37,7 +37,7 @@ import pyarrow as pa
 from distilflow.tasks.core.config import Config, require
 from distilflow.tasks.core.io import join, read_parquet, release_memory, write_parquet
 from distilflow.tasks.core.rng import derive_rng
-from distilflow.tasks.core.stage import StageDir
+from distilflow.tasks.core.stage import StageDir, token_counts_url
 
 NO_NSP_LABEL = -100
 
@@ -501,7 +501,7 @@ def pairs_part(corpus_url: str, key: str, neighbour_url: str | None, stage: Stag
     nz = np.flatnonzero(bins)
     counts_table = pa.Table.from_arrays([pa.array(nz.astype(np.int32)), pa.array(bins[nz].astype(np.int64))],
                                         schema=COUNTS_SCHEMA)
-    write_parquet(counts_table, join(stage.url, "_counts", name))
+    write_parquet(counts_table, stage.meta("counts", name))
     stats = {"files": [{"file": name, "rows": table.num_rows, "tokens": n_tokens}], "counts": dict(counts),
              "skipped": {}, "input": corpus_url.rsplit("/", 1)[-1]}
     stage.mark_done(key, stats)
@@ -509,20 +509,20 @@ def pairs_part(corpus_url: str, key: str, neighbour_url: str | None, stage: Stag
     return stats
 
 
-def merge_token_counts(stage_url: str, keys: list[str], vocab_size: int) -> np.ndarray:
-    """Sum the per-part counts into ``pairs/token_counts.parquet``; returns int64 [vocab]."""
+def merge_token_counts(stage: StageDir, keys: list[str], vocab_size: int) -> np.ndarray:
+    """Sum the per-part counts into ``DIR/token_counts/token_counts.parquet``; returns int64 [vocab]."""
     total = np.zeros(vocab_size, dtype=np.int64)
     for key in keys:
-        t = read_parquet(join(stage_url, "_counts", f"{key}.parquet"))
+        t = read_parquet(stage.meta("counts", f"{key}.parquet"))
         np.add.at(total, t.column("token_id").to_numpy(), t.column("count").to_numpy())
     nz = np.flatnonzero(total)
     write_parquet(pa.Table.from_arrays([pa.array(nz.astype(np.int32)), pa.array(total[nz])], schema=COUNTS_SCHEMA),
-                  join(stage_url, "token_counts.parquet"))
+                  token_counts_url(stage.root))
     return total
 
 
-def read_token_counts(pairs_url: str, vocab_size: int) -> np.ndarray:
-    t = read_parquet(join(pairs_url, "token_counts.parquet"))
+def read_token_counts(prepared_dir: str, vocab_size: int) -> np.ndarray:
+    t = read_parquet(token_counts_url(prepared_dir))
     out = np.zeros(vocab_size, dtype=np.int64)
     out[t.column("token_id").to_numpy()] = t.column("count").to_numpy()
     return out

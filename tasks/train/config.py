@@ -48,7 +48,7 @@ class TrainConfig(Config):
         "DIR/pairs exists")
     mlm_prob: float = option(0.15, "dynamic masking rate", gt=0, lt=1)
     whole_word: bool = option(False, "dynamic whole-word masking")
-    mlm_smoothing: float = option(0.0, "frequency smoothing of dynamic masks from pairs/token_counts.parquet "
+    mlm_smoothing: float = option(0.0, "frequency smoothing of dynamic masks from DIR/token_counts/token_counts.parquet "
                                        "(DistilBERT used 0.7; 0 = uniform)", ge=0, le=2)
     max_seq_len: int = option(0, "drop longer rows (0: the model's max positions)", ge=0)
     group_batches: int = option(64, "length grouping: sort by length within groups of this many batches", ge=1)

@@ -4,7 +4,7 @@ A prepared folder ``DIR`` (see CONTRIBUTING.md) has ``pairs/`` (unmasked sentenc
 ``masked/`` (static masks, ``dupe_factor`` copies). Training reads one of them:
 
 * ``dynamic``: ``pairs/``, masked afresh for every batch with :func:`distilflow.tasks.prepare.masking.mask_padded`
-  (the same code as the prepare job), optionally frequency-smoothed from ``pairs/token_counts.parquet``;
+  (the same code as the prepare job), optionally frequency-smoothed from ``token_counts/token_counts.parquet``;
 * ``static``: ``masked/``, the stored ``input_ids``/``labels`` as they are.
 
 Determinism / exact resume: the batches of epoch ``e`` are a pure function of ``(seed, e, lengths)``
@@ -29,7 +29,7 @@ import torch
 from distilflow.tasks.core.errors import DataError
 from distilflow.tasks.core.io import exists, join, listdir, read_parquet
 from distilflow.tasks.core.rng import derive_rng
-from distilflow.tasks.core.stage import read_manifest
+from distilflow.tasks.core.stage import manifest_url, read_manifest, token_counts_url
 from distilflow.tasks.prepare.masking import IGNORE_INDEX, MaskConfig, Vocab, mask_padded, smoothing_weights
 from distilflow.tasks.train.config import TrainConfig
 
@@ -59,7 +59,7 @@ class Examples:
 def resolve_source(data_dir: str, source: str) -> str:
     """``auto`` -> ``dynamic`` if ``pairs/`` is there, else ``static``."""
     if source == "auto":
-        return "dynamic" if exists(join(data_dir, "pairs", "manifest.json")) else "static"
+        return "dynamic" if exists(manifest_url(join(data_dir, "pairs"))) else "static"
     return source
 
 
@@ -125,10 +125,10 @@ def load_examples(data_dir: str, stage: str, max_len: int = 0) -> Examples:
 
 
 def load_token_weights(data_dir: str, vocab_size: int, smoothing: float) -> np.ndarray | None:
-    """``count ** -smoothing`` per token id from ``pairs/token_counts.parquet`` (None if smoothing=0)."""
+    """``count ** -smoothing`` per token id from ``token_counts/token_counts.parquet`` (None if smoothing=0)."""
     if smoothing == 0:
         return None
-    url = join(data_dir, "pairs", "token_counts.parquet")
+    url = token_counts_url(data_dir)
     if not exists(url):
         raise DataError(f"{url} not found: needed for --mlm-smoothing {smoothing} (or use --mlm-smoothing 0)")
     t = read_parquet(url, columns=["token_id", "count"])

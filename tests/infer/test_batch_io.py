@@ -161,7 +161,7 @@ def test_run_file_accounts_for_every_row_and_resumes(tmp_path):
     t = pq.read_table(tmp_path / "out" / "in.parquet")
     assert t.column_names == ["row_id", "chars", "k"] and t.schema.field("k").type == pa.string()
     assert t.column("row_id").to_pylist() == list(range(10)) and t.column("k").to_pylist()[3] == "3"
-    errs = [json.loads(x) for x in (tmp_path / "out" / "_errors" / "in.jsonl").read_text().splitlines()]
+    errs = [json.loads(x) for x in (tmp_path / "out" / ".distilflow" / "errors" / "in.jsonl").read_text().splitlines()]
     assert [e["row_id"] for e in errs] == [10, 11, 12]
     manifest = write_run_manifest(stage, ["in"])
     assert manifest["counts"]["input_rows"] == 13 and manifest["rows"] == 10

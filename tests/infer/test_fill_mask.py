@@ -182,7 +182,7 @@ def test_file_to_parquet_errors_manifest_and_resume(model_path, fill, tmp_path):
     assert str(table.schema.field("row_id").type) == "int64" and str(table.schema.field("score").type) == "float"
     rows = table.to_pylist()
     assert [r["row_id"] for r in rows] == sorted(r["row_id"] for r in rows)  # input order
-    errs = [json.loads(x) for x in (tmp_path / "out" / "_errors" / "day-01.jsonl").read_text().splitlines()]
+    errs = [json.loads(x) for x in (tmp_path / "out" / ".distilflow" / "errors" / "day-01.jsonl").read_text().splitlines()]
     assert [(e["row_id"], e["reason"]) for e in errs] == [(10, "no_mask"), (11, "empty_text")]
     assert "fix:" in errs[0]["message"] and "day-01.txt:11" in errs[0]["message"]
     # every row: compare with the pipeline on the same line
@@ -263,11 +263,11 @@ def test_cli_flow_folder_of_files_and_resume(model_path, tmp_path, prefect_test_
     args = ["fill-mask", "--input", str(inp), "--output", str(out), "--model", model_path, "--top-k", "2",
             "--threads", "1"]
     assert main(args) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / ".distilflow" / "manifest.json").read_text())
     assert manifest["counts"] == {"error_rows": 1, "input_rows": 8, "masks": manifest["counts"]["masks"],
                                   "ok_rows": 7}
     assert sorted(f["file"] for f in manifest["files"]) == ["a.parquet", "b.parquet"]
-    assert pq.read_table(out / "b.parquet").num_rows == 2 and (out / "config.json").exists()
+    assert pq.read_table(out / "b.parquet").num_rows == 2 and (out / ".distilflow" / "config.json").exists()
     before = (out / "a.parquet").stat().st_mtime_ns
     assert main(args) == 0  # resume: nothing recomputed
     assert (out / "a.parquet").stat().st_mtime_ns == before

@@ -195,5 +195,5 @@ def test_qa_and_embed_cli_flows(qa_path, mlm_path, tmp_path, prefect_test_harnes
     (tmp_path / "t.txt").write_text("one line\nanother line\n")
     assert main(["embed", "--input", str(tmp_path / "t.txt"), "--output", str(tmp_path / "em"), "--model", mlm_path,
                  "--pooling", "cls", "--threads", "1"]) == 0
-    manifest = json.loads((tmp_path / "em" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "em" / ".distilflow" / "manifest.json").read_text())
     assert manifest["counts"]["ok_rows"] == 2 and manifest["config"]["pooling"] == "cls"

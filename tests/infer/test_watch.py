@@ -167,7 +167,7 @@ def test_file_drop_triggers_exactly_one_flow_run(tmp_path, bert_tokenizer_path):
         assert runs[0].parameters["input"] == str(target)
         table = pq.read_table(out / "batch-01.parquet")
         assert sorted(set(table.column("row_id").to_pylist())) == list(range(len(texts)))  # the whole file
-        manifest = json.loads((out / "manifest.json").read_text())
+        manifest = json.loads((out / ".distilflow" / "manifest.json").read_text())
         assert manifest["counts"]["input_rows"] == len(texts)
 
         # the same file again: a restarted watcher does not emit it twice -> still exactly one run

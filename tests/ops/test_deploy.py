@@ -109,7 +109,7 @@ def test_prepare_deployment_runs_through_a_process_worker(deployed):
         run = run_deployment(server, "prepare/nightly-prepare",
                              {"max_seq_len": 64, "dupe_factor": 1, "workers": 1}, timeout=180)
     assert run.state.is_completed(), f"{run.state}\n{flow_run_logs(server, run.id)}\n{server.worker_log('cpu-prepare')}"
-    manifest = read_json(str(data / "prepared" / "nightly" / "masked" / "manifest.json"))
+    manifest = read_json(str(data / "prepared" / "nightly" / "masked" / ".distilflow" / "manifest.json"))
     assert manifest["rows"] > 0
     # the run's parameters were the deployment's, with our overrides on top
     assert run.parameters["output"] == str(data / "prepared" / "nightly") and run.parameters["max_seq_len"] == 64

@@ -91,11 +91,11 @@ def test_killed_worker_then_rerun_loses_nothing_and_duplicates_nothing(drill):
         dep = client.read_deployment_by_name("prepare/nightly-prepare")
         run = client.create_flow_run_from_deployment(dep.id, parameters={**FAST, "output": str(out)})
     deadline = time.monotonic() + 180
-    while not list((out / "corpus" / "_done").glob("*.json")):
+    while not list((out / "corpus" / ".distilflow" / "done").glob("*.json")):
         assert time.monotonic() < deadline, server.worker_log("doomed")
         time.sleep(0.05)
     _kill_tree(worker)
-    assert not (out / "masked" / "manifest.json").exists(), "the run finished before the kill; drill proves nothing"
+    assert not (out / "masked" / ".distilflow" / "manifest.json").exists(), "the run finished before the kill; drill proves nothing"
     from prefect.states import Crashed
 
     with server.client() as client:
@@ -146,14 +146,14 @@ def test_server_restart_during_a_run(tmp_path, bert_tokenizer_path):
             run = client.create_flow_run_from_deployment(dep.id, parameters=FAST)
         deadline = time.monotonic() + 180
         out_dir = data / "prepared" / "nightly"
-        while not list((out_dir / "corpus" / "_done").glob("*.json")):
+        while not list((out_dir / "corpus" / ".distilflow" / "done").glob("*.json")):
             assert time.monotonic() < deadline, server.worker_log("steady")
             time.sleep(0.05)
-        assert not (out_dir / "masked" / "manifest.json").exists(), "run ended before the restart; proves nothing"
+        assert not (out_dir / "masked" / ".distilflow" / "manifest.json").exists(), "run ended before the restart; proves nothing"
         server.restart(down_seconds=2)
         final = wait_flow_run(server, run.id, timeout=240)
         assert final.state.is_completed(), f"{final.state}\n{flow_run_logs(server, run.id)}"
-        manifest = (out_dir / "masked" / "manifest.json")
+        manifest = (out_dir / "masked" / ".distilflow" / "manifest.json")
         assert manifest.exists()
     finally:
         server.stop()

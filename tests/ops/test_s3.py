@@ -106,8 +106,8 @@ def test_prepare_then_fill_mask_fully_on_s3(s3_env, prefect_test_harness_session
             keep = [c for c in want.column_names if c not in ("source", "doc_id")]
             assert got.num_rows == want.num_rows > 0
             assert got.select(keep).equals(want.select(keep)), f"{r} differs from the local run"
-        assert read_json(f"s3://distilflow/prepared/{stage}/manifest.json")["rows"] == \
-            read_json(str(tmp_path / "prepared" / stage / "manifest.json"))["rows"]
+        assert read_json(f"s3://distilflow/prepared/{stage}/.distilflow/manifest.json")["rows"] == \
+            read_json(str(tmp_path / "prepared" / stage / ".distilflow" / "manifest.json"))["rows"]
 
     # fill-mask over masked sentences taken from the prepared corpus on S3, results written to S3
     corpus = read_parquet(sorted("s3://" + p for p in fs.ls("distilflow/prepared/corpus")

@@ -123,7 +123,7 @@ def test_ui_shows_the_demo_pipeline_run_and_its_reports(tmp_path):
                                  ["masked"])
         prepared = next(d for d in (out_dir / "data", out_dir / "heldout") if str(d) in page)
         for stage in ("corpus", "pairs", "masked"):
-            rows = read_json(str(prepared / stage / "manifest.json"))["rows"]
+            rows = read_json(str(prepared / stage / ".distilflow" / "manifest.json"))["rows"]
             assert re.search(rf"{stage} \d+ {rows:,} ", page), f"{stage} row with {rows:,} rows not shown:\n{page}"
         assert "MB/s" in page
 

@@ -53,11 +53,11 @@ def _prepare(inputs, out, **kw):
 def test_prepare_end_to_end_with_bad_input(prefect_test_harness_session, corpus_dir, tmp_path):
     out = tmp_path / "prep"
     r = _prepare([corpus_dir], out, max_seq_len=64, dupe_factor=2)
-    corpus = json.loads((out / "corpus/manifest.json").read_text())
+    corpus = json.loads((out / "corpus/.distilflow/manifest.json").read_text())
     # every bad input is counted by reason, and the good files were still processed
     assert corpus["skipped"] == {"binary_file": 1, "empty_file": 1, "invalid_utf8": 1, "line_too_long": 1,
                                  "malformed_json": 1, "missing_field": 1, "null_text": 1}
-    errors = [json.loads(line) for f in sorted((out / "corpus/_errors").glob("*.jsonl")) for line in f.read_text().splitlines()]
+    errors = [json.loads(line) for f in sorted((out / "corpus/.distilflow/errors").glob("*.jsonl")) for line in f.read_text().splitlines()]
     assert len(errors) == 7
     longline = next(e for e in errors if e["reason"] == "line_too_long")
     assert longline["file"].endswith("h_longline.txt") and longline["line"] == 3 and "fix:" in longline["message"]
@@ -70,8 +70,8 @@ def test_prepare_end_to_end_with_bad_input(prefect_test_harness_session, corpus_
     assert {Path(s).name for s in sources} == {"a_alice.txt", "b_peter.txt.gz", "c_docs.jsonl", "d_docs.parquet",
                                                "e_latin1.txt", "h_longline.txt"}
     # schemas, lengths and manifest totals of pairs and masked
-    pairs = json.loads((out / "pairs/manifest.json").read_text())
-    masked = json.loads((out / "masked/manifest.json").read_text())
+    pairs = json.loads((out / "pairs/.distilflow/manifest.json").read_text())
+    masked = json.loads((out / "masked/.distilflow/manifest.json").read_text())
     n_pairs = sum(pq.read_metadata(out / "pairs" / f["file"]).num_rows for f in pairs["files"])
     assert n_pairs == pairs["rows"] > 100 and masked["rows"] == 2 * n_pairs  # dupe_factor copies
     for f in masked["files"]:
@@ -79,14 +79,14 @@ def test_prepare_end_to_end_with_bad_input(prefect_test_harness_session, corpus_
         assert t.schema == MASKED_SCHEMA
         assert max(len(x) for x in t.column("input_ids").to_pylist()) <= 64
     assert pq.read_schema(out / "pairs" / pairs["files"][0]["file"]) == PAIRS_SCHEMA
-    assert (out / "tokenizer/tokenizer.json").exists() and (out / "pairs/token_counts.parquet").exists()
+    assert (out / "tokenizer/tokenizer.json").exists() and (out / "token_counts/token_counts.parquet").exists()
     assert r["pairs"] == n_pairs
 
     # rerun: nothing is redone (markers untouched), outputs unchanged
     before = _tree(out)
-    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("_done/*.json")}
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob(".distilflow/done/*.json")}
     _prepare([corpus_dir], out, max_seq_len=64, dupe_factor=2)
-    assert {p: p.stat().st_mtime_ns for p in out.rglob("_done/*.json")} == mtimes
+    assert {p: p.stat().st_mtime_ns for p in out.rglob(".distilflow/done/*.json")} == mtimes
     assert _tree(out) == before
 
 
@@ -111,7 +111,7 @@ def test_other_fsspec_filesystems(prefect_test_harness_session):
     fs.pipe("/in/book.txt", (GUTENBERG / "pg11.txt").read_bytes()[:20000])
     fs.pipe("/in/more.jsonl.gz", gzip.compress(b'{"text": "One sentence here. And another one."}\n'))
     _prepare(["memory://in"], "memory://out", max_seq_len=64)
-    manifest = json.loads(fs.cat("/out/masked/manifest.json"))
+    manifest = json.loads(fs.cat("/out/masked/.distilflow/manifest.json"))
     assert manifest["rows"] > 10
     assert fs.exists("/out/tokenizer/tokenizer.json")
     assert not [p for p in fs.find("/out") if ".tmp" in p]
@@ -163,7 +163,7 @@ def test_kill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path, workers)
     proc = subprocess.Popen([sys.executable, "-m", "distilflow.cli", *args, "--output", str(killed)],
                             env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    done_dir = killed / "corpus" / "_done"
+    done_dir = killed / "corpus" / ".distilflow" / "done"
     deadline = time.time() + 240
     while time.time() < deadline and len(list(done_dir.glob("*.json"))) < 3:
         time.sleep(0.02)

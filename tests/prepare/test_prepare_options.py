@@ -18,7 +18,16 @@ import yaml
 
 from distilflow.cli import build_parser
 from distilflow.tasks.core.config import ConfigError, flag_of
-from distilflow.tasks.prepare.config import MASK, PAIRS, PREPARE, SHARD, PrepareConfig, mask_record, pairs_record, shard_record
+from distilflow.tasks.prepare.config import (
+    MASK,
+    PAIRS,
+    PREPARE,
+    SHARD,
+    PrepareConfig,
+    mask_record,
+    pairs_record,
+    shard_record,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SPECS = {"prepare": PREPARE, "shard": SHARD, "pairs": PAIRS, "mask": MASK}

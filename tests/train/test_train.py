@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, pipeline
 
 from distilflow.tasks.core.io import write_json, write_parquet
 from distilflow.tasks.core.rng import derive_rng
-from distilflow.tasks.core.stage import ResumeError
+from distilflow.tasks.core.stage import ResumeError, manifest_url, token_counts_url
 from distilflow.tasks.prepare.masking import MaskConfig, Vocab, mask_flat
 from distilflow.tasks.train.data import StepBatches, load_examples
 from distilflow.tasks.train.loop import TrainConfig, train
@@ -58,7 +58,7 @@ def build_prepared(root: Path, tokenizer_path: Path, book: str = "pg11.txt", n_p
     flat = np.concatenate([np.asarray(r, dtype=np.int32) for r in rows["input_ids"]])
     ids, counts = np.unique(flat, return_counts=True)
     write_parquet(pa.table({"token_id": pa.array(ids, pa.int32()), "count": pa.array(counts, pa.int64())}),
-                  str(root / "pairs" / "token_counts.parquet"))
+                  token_counts_url(str(root)))
     offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows["input_ids"]])])
     masked, labels = mask_flat(flat, offsets, Vocab.from_tokenizer(tok), MaskConfig(), derive_rng(0, "m"))
     split = lambda a: [a[offsets[i]: offsets[i + 1]].tolist() for i in range(n_pairs)]  # noqa: E731
@@ -66,7 +66,7 @@ def build_prepared(root: Path, tokenizer_path: Path, book: str = "pg11.txt", n_p
                                   schema=MASKED_SCHEMA)
     write_parquet(mtable, str(root / "masked" / "part-00000-0000.parquet"))
     for stage, n in (("pairs", n_pairs), ("masked", n_pairs)):
-        write_json(str(root / stage / "manifest.json"),
+        write_json(manifest_url(str(root / stage)),
                    {"stage": stage, "files": [{"file": "part-00000-0000.parquet", "rows": n, "tokens": len(flat)}],
                     "rows": n, "tokens": int(len(flat)), "config": {}, "counts": {}, "skipped": {}})
     return root
@@ -266,14 +266,14 @@ def test_data_errors_are_clear(tmp_path, prepared):
 
     bad = tmp_path / "bad"
     shutil.copytree(prepared, bad)
-    (bad / "pairs" / "manifest.json").unlink()
+    Path(manifest_url(str(bad / "pairs"))).unlink()
     with pytest.raises(DataError, match="distilflow prepare"):
         load_examples(str(bad), "pairs")
     # a malformed row (token_type_ids shorter than input_ids) is dropped and counted, the rest kept
     t = pa.Table.from_pydict({"input_ids": [[101, 7, 8, 102], [101, 9, 102]], "token_type_ids": [[0, 0, 0, 0], [0]],
                               "next_sentence_label": [0, 1], "doc_id": ["a", "b"]}, schema=PAIRS_SCHEMA)
     write_parquet(t, str(bad / "pairs" / "part-00009-0000.parquet"))
-    write_json(str(bad / "pairs" / "manifest.json"), {"files": [], "rows": 0})
+    write_json(manifest_url(str(bad / "pairs")), {"files": [], "rows": 0})
     with pytest.warns(UserWarning, match="part-00009-0000.parquet: skipped 1 malformed row"):
         ex = load_examples(str(bad), "pairs")
     assert ex.skipped == 1 and len(ex) == 97
