@@ -53,6 +53,10 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+# Commands that run no Prefect flow in this process: no temporary API server for them.
+NO_FLOW_RUN = {"watch", "serve", "server"}
+
+
 def _quiet_defaults() -> None:
     # Offline machines: Prefect's telemetry would log connection errors at every start.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -135,11 +139,21 @@ def main(argv: list[str] | None = None) -> int:
     from distilflow.tasks.core.terminal import configure
 
     configure(verbose=args.verbose)
+    from distilflow.flows.prefect_api import start_temporary_server, wait_ready
+
     try:
         if "spec" not in vars(args):  # TRANSITION: legacy command
+            if args.command not in NO_FLOW_RUN:
+                start_temporary_server()
+                wait_ready()
             return int(args.func(args) or 0)
         cfg = args.spec.config_from(args)
-        return int(args.spec.runner()(cfg) or 0)
+        if args.command not in NO_FLOW_RUN:  # without PREFECT_API_URL: the temporary server boots while the
+            start_temporary_server()         # job imports Prefect and torch (flows/prefect_api.py)
+        run = args.spec.runner()
+        getattr(run, "preload", lambda cfg: None)(cfg)  # e.g. the model, also while the server boots
+        wait_ready()
+        return int(run(cfg) or 0)
     except UserError as e:
         print(f"distilflow {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
