@@ -18,67 +18,30 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from distilflow.tasks.core.config import Config, require
-from distilflow.tasks.core.hf import load_pretrained, resolve_device
+from distilflow.tasks.core.errors import InputError
+from distilflow.tasks.core.hf import build_model, check_model_folder, load_pretrained, resolve_device
 from distilflow.tasks.core.io import write_json
 from distilflow.tasks.evaluate import glue as glue_mod
 from distilflow.tasks.evaluate import metrics as M
 from distilflow.tasks.evaluate import squad as squad_mod
-
-
-@dataclass(frozen=True)
-class FinetuneConfig(Config):
-    """Hyper-parameters of one fine-tuning run (saved with every result).
-
-    Defaults follow BERT/DistilBERT GLUE practice: lr 5e-5, batch 32, 3 epochs, seq 128, 10% warm-up,
-    weight decay 0.01 (not on biases/LayerNorm), gradient clipping at 1.0.
-    """
-
-    learning_rate: float = 5e-5
-    batch_size: int = 32
-    epochs: float = 3.0
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    max_seq_len: int = 128
-    eval_batch_size: int = 128
-    max_steps: int = 0  # 0 = epochs decide; >0 caps the number of optimizer steps (smoke runs)
-    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    bf16: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    # SQuAD only (BERT's run_squad defaults)
-    doc_stride: int = 128
-    max_query_len: int = 64
-    n_best: int = 20
-    max_answer_length: int = 30
-
-    def check(self) -> None:
-        n = type(self).__name__
-        require(self.learning_rate > 0, n, "learning_rate", "must be > 0")
-        require(self.batch_size > 0, n, "batch_size", "must be > 0")
-        require(self.eval_batch_size > 0, n, "eval_batch_size", "must be > 0")
-        require(self.epochs > 0, n, "epochs", "must be > 0")
-        require(0 <= self.warmup_ratio < 1, n, "warmup_ratio", "must be in [0, 1)")
-        require(self.weight_decay >= 0, n, "weight_decay", "must be >= 0")
-        require(self.max_grad_norm >= 0, n, "max_grad_norm", "must be >= 0 (0 = no clipping)")
-        require(self.max_seq_len >= 16, n, "max_seq_len", "must be >= 16")
-        require(self.max_steps >= 0, n, "max_steps", "must be >= 0")
-        require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), n, "device",
-                f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
-        require(self.n_best > 0, n, "n_best", "must be > 0")
-        require(self.max_answer_length > 0, n, "max_answer_length", "must be > 0")
-
+from distilflow.tasks.evaluate.config import FinetuneConfig, TaskDistillConfig
+from distilflow.tasks.evaluate.task_distill import task_distill_loss
 
 # GLUE / SQuAD recipes differ in sequence length and learning rate (BERT's run_squad: 384/128, 3e-5).
 SQUAD_DEFAULTS: dict[str, Any] = {"max_seq_len": 384, "learning_rate": 3e-5, "batch_size": 12, "epochs": 2.0,
                   "eval_batch_size": 64}
+
+
+# A training loss other than the model's own: (model, batch of device tensors) -> scalar loss.
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 
 # -- plumbing --------------------------------------------------------------------------------------------
@@ -144,11 +107,12 @@ def _model_inputs(model: torch.nn.Module) -> set[str]:
 
 
 def train_loop(model: torch.nn.Module, make_batch, n_examples: int, cfg: FinetuneConfig, device: torch.device,
-               seed: int, desc: str) -> dict[str, Any]:
+               seed: int, desc: str, loss_fn: LossFn | None = None) -> dict[str, Any]:
     """Shuffle -> batch -> forward (autocast) -> loss.backward -> clip -> AdamW step -> schedule.
 
     make_batch(indices: np.ndarray) -> dict of CPU tensors including the labels; the model returns
-    ``.loss`` (HF heads compute cross-entropy / MSE / span CE themselves).
+    ``.loss`` (HF heads compute cross-entropy / MSE / span CE themselves). ``loss_fn(model, batch)``
+    replaces that loss (task distillation adds the soft-target term).
     """
     steps_per_epoch = math.ceil(n_examples / cfg.batch_size)
     total = math.ceil(cfg.epochs * steps_per_epoch)
@@ -166,7 +130,7 @@ def train_loop(model: torch.nn.Module, make_batch, n_examples: int, cfg: Finetun
                     break
                 batch = {k: v.to(device) for k, v in make_batch(order[b:b + cfg.batch_size]).items()}
                 with autocast(device, cfg.bf16):
-                    loss = model(**batch).loss
+                    loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
                 loss.backward()
                 if cfg.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -184,6 +148,43 @@ def train_loop(model: torch.nn.Module, make_batch, n_examples: int, cfg: Finetun
             "final_loss": float(np.mean(losses[-10:])) if losses else None}
 
 
+# -- loading, soft targets ---------------------------------------------------------------------------------
+def _load_for_finetuning(auto_cls: Any, model_path: str, from_scratch: bool, **kwargs: Any) -> Any:
+    """The model with a new task head; ``from_scratch``: the same architecture with random weights (drawn from
+    the seed set just before)."""
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialised classifier weights" is expected here
+    try:
+        if from_scratch:
+            check_model_folder(model_path)
+            return build_model(auto_cls.from_config, AutoConfig.from_pretrained(model_path, **kwargs))
+        return load_pretrained(auto_cls, model_path, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _load_teacher(auto_cls: Any, teacher: str, tokenizer: Any, device: torch.device) -> Any:
+    """A fine-tuned teacher for soft targets; it must read the student's token ids (same vocabulary)."""
+    t_tok = load_tokenizer(teacher)
+    if t_tok.get_vocab() != tokenizer.get_vocab():
+        raise InputError(f"{teacher}: the teacher's vocabulary differs from the student's; task distillation "
+                         "needs the same token ids (use the teacher the student was distilled from)")
+    return load_pretrained(auto_cls, teacher).to(device).eval()
+
+
+def _kd_loss(kd: TaskDistillConfig, keys: tuple[str, ...], regression: bool = False) -> LossFn:
+    """Task loss (the model's, from the labels in the batch) plus the soft-target term on ``keys`` outputs."""
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        targets = tuple(batch[f"teacher_{k}"] for k in keys)
+        out = model(**{k: v for k, v in batch.items() if not k.startswith("teacher_")})
+        return task_distill_loss(out.loss, tuple(getattr(out, k) for k in keys), targets, kd.temperature, kd.alpha,
+                                 regression=regression)
+    return loss
+
+
 # -- GLUE --------------------------------------------------------------------------------------------------
 def glue_metrics(task: glue_mod.GlueTask, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Official metric(s) of ``task`` x100, plus ``score`` = the headline (first) metric."""
@@ -192,6 +193,36 @@ def glue_metrics(task: glue_mod.GlueTask, preds: np.ndarray, labels: np.ndarray)
     out = {m: 100.0 * fns[m](preds, labels) for m in task.metrics}
     out["score"] = out[task.metrics[0]]
     return out
+
+
+def _glue_collate(pad_id: int, accepted: set[str]) -> Callable[[list[dict[str, list[int]]]], dict[str, torch.Tensor]]:
+    """Pad a list of encoded rows into a batch of the inputs the model accepts (DistilBERT: no token types)."""
+    def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        batch = {"input_ids": _pad([r["input_ids"] for r in rows], pad_id),
+                 "attention_mask": _pad([r["attention_mask"] for r in rows], 0)}
+        if "token_type_ids" in rows[0] and "token_type_ids" in accepted:
+            batch["token_type_ids"] = _pad([r["token_type_ids"] for r in rows], 0)
+        return batch
+    return collate
+
+
+def _glue_teacher_logits(teacher: str, tokenizer: Any, t: glue_mod.GlueTask, enc: list[dict[str, list[int]]],
+                         pad_id: int, cfg: FinetuneConfig, device: torch.device) -> torch.Tensor:
+    """The fine-tuned teacher's logits for every training row, float32 [N, num_labels] (eval mode)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = _load_teacher(AutoModelForSequenceClassification, teacher, tokenizer, device)
+    if model.config.num_labels != t.num_labels:
+        raise InputError(f"{teacher}: has {model.config.num_labels} output(s), task {t.name} needs {t.num_labels}; "
+                         "give a teacher fine-tuned on this task")
+    collate = _glue_collate(pad_id, _model_inputs(model))
+    outs = []
+    with torch.no_grad():
+        for b in range(0, len(enc), cfg.eval_batch_size):
+            batch = {k: v.to(device) for k, v in collate(enc[b:b + cfg.eval_batch_size]).items()}
+            with autocast(device, cfg.bf16):
+                outs.append(model(**batch).logits.float().cpu())
+    return torch.cat(outs)
 
 
 def _encode_pairs(tokenizer, examples: list[glue_mod.Example], max_len: int) -> list[dict[str, list[int]]]:
@@ -203,11 +234,16 @@ def _encode_pairs(tokenizer, examples: list[glue_mod.Example], max_len: int) -> 
 
 
 def finetune_glue(model_path: str, task: str, train: list[glue_mod.Example], held_out: list[glue_mod.Example],
-                  cfg: FinetuneConfig, seed: int, out_dir: str | None = None,
-                  tokenizer_path: str | None = None) -> dict[str, Any]:
-    """Fine-tune ``model_path`` on ``train`` and score ``held_out``; save to ``out_dir/model`` if given."""
+                  cfg: FinetuneConfig, seed: int, out_dir: str | None = None, tokenizer_path: str | None = None,
+                  *, from_scratch: bool = False, teacher: str | None = None,
+                  kd: TaskDistillConfig | None = None) -> dict[str, Any]:
+    """Fine-tune ``model_path`` on ``train`` and score ``held_out``; save to ``out_dir/model`` if given.
+
+    ``from_scratch``: the same architecture, randomly initialised from ``seed`` (the baseline that shows
+    what pretraining brought). ``teacher``: a model fine-tuned on this task whose soft targets are added to
+    the loss (task distillation, ``kd``: temperature and weight).
+    """
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     t = glue_mod.get_task(task)
     if not train or not held_out:
@@ -222,30 +258,27 @@ def finetune_glue(model_path: str, task: str, train: list[glue_mod.Example], hel
         kwargs["problem_type"] = "single_label_classification"
         kwargs["id2label"] = dict(enumerate(t.labels))
         kwargs["label2id"] = {name: i for i, name in enumerate(t.labels)}
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "newly initialised classifier weights" is expected here
-    try:
-        model = load_pretrained(AutoModelForSequenceClassification, model_path, **kwargs)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    accepted = _model_inputs(model)
+    model = _load_for_finetuning(AutoModelForSequenceClassification, model_path, from_scratch, **kwargs)
+    pad_id = tokenizer.pad_token_id or 0
+    collate = _glue_collate(pad_id, _model_inputs(model))
 
     enc_train = _encode_pairs(tokenizer, train, cfg.max_seq_len)
     label_dtype = torch.float32 if t.is_regression else torch.long
     y_train = torch.tensor([e.label for e in train], dtype=label_dtype)
-    pad_id = tokenizer.pad_token_id or 0
-
-    def collate(rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        batch = {"input_ids": _pad([r["input_ids"] for r in rows], pad_id),
-                 "attention_mask": _pad([r["attention_mask"] for r in rows], 0)}
-        if "token_type_ids" in rows[0] and "token_type_ids" in accepted:
-            batch["token_type_ids"] = _pad([r["token_type_ids"] for r in rows], 0)
-        return batch
+    extra: dict[str, torch.Tensor] = {}
+    loss_fn = None
+    if teacher:  # soft targets: the teacher's logits [N_train, num_labels], computed once
+        kd = kd or TaskDistillConfig()
+        with torch.random.fork_rng(devices=[]):  # the student's dropout draws stay those of plain fine-tuning
+            extra["teacher_logits"] = _glue_teacher_logits(teacher, tokenizer, t, enc_train, pad_id, cfg, device)
+        loss_fn = _kd_loss(kd, ("logits",), regression=t.is_regression)
 
     def make_batch(idx: np.ndarray) -> dict[str, torch.Tensor]:
-        return {**collate([enc_train[i] for i in idx]), "labels": y_train[idx]}
+        return {**collate([enc_train[i] for i in idx]), "labels": y_train[idx],
+                **{k: v[idx] for k, v in extra.items()}}
 
-    stats = train_loop(model, make_batch, len(train), cfg, device, seed, desc=f"{t.name} seed {seed}")
+    stats = train_loop(model, make_batch, len(train), cfg, device, seed, desc=f"{t.name} seed {seed}",
+                       loss_fn=loss_fn)
 
     # evaluation: logits [N, num_labels] -> argmax (classification) or the single value (regression)
     enc_eval = _encode_pairs(tokenizer, held_out, cfg.max_seq_len)
@@ -273,39 +306,45 @@ def finetune_glue(model_path: str, task: str, train: list[glue_mod.Example], hel
 
 # -- SQuAD -------------------------------------------------------------------------------------------------
 def finetune_squad(model_path: str, train: list[squad_mod.SquadExample], held_out: list[squad_mod.SquadExample],
-                   cfg: FinetuneConfig, seed: int, out_dir: str | None = None,
-                   tokenizer_path: str | None = None) -> dict[str, Any]:
+                   cfg: FinetuneConfig, seed: int, out_dir: str | None = None, tokenizer_path: str | None = None,
+                   *, from_scratch: bool = False, teacher: str | None = None,
+                   kd: TaskDistillConfig | None = None) -> dict[str, Any]:
     """Fine-tune for extractive QA on ``train``; score ``held_out`` (official EM/F1).
 
     With ``out_dir``: the model + tokenizer go to ``out_dir/model``, answers to ``out_dir/predictions.json``
-    (the official ``{question id: answer}`` format).
+    (the official ``{question id: answer}`` format). ``from_scratch`` / ``teacher`` / ``kd``: as
+    :func:`finetune_glue` (the soft targets are the teacher's start and end distributions).
     """
     from transformers import AutoModelForQuestionAnswering
-    from transformers.utils import logging as hf_logging
 
     if not train or not held_out:
         raise ValueError(f"squad: need train and evaluation questions, got {len(train)} / {len(held_out)}")
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(model_path, tokenizer_path)
     set_seed(seed)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model = load_pretrained(AutoModelForQuestionAnswering, model_path)
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    model = _load_for_finetuning(AutoModelForQuestionAnswering, model_path, from_scratch)
     accepted = _model_inputs(model)
 
     def tensors(f: squad_mod.Features, idx: np.ndarray | slice) -> dict[str, torch.Tensor]:
         return _qa_inputs(f, idx, accepted)
 
     ftr = squad_mod.make_features(train, tokenizer, cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len, train=True)
+    extra: dict[str, torch.Tensor] = {}
+    loss_fn = None
+    if teacher:  # soft targets: the teacher's start/end logits [N_windows, L] each, computed once
+        kd = kd or TaskDistillConfig()
+        with torch.random.fork_rng(devices=[]):  # the student's dropout draws stay those of plain fine-tuning
+            t_model = _load_teacher(AutoModelForQuestionAnswering, teacher, tokenizer, device)
+            starts, ends = _qa_logits(t_model, ftr, cfg, device)
+        extra = {"teacher_start_logits": torch.from_numpy(starts), "teacher_end_logits": torch.from_numpy(ends)}
+        del t_model
+        loss_fn = _kd_loss(kd, ("start_logits", "end_logits"))
 
     def make_batch(idx: np.ndarray) -> dict[str, torch.Tensor]:
         return {**tensors(ftr, idx), "start_positions": torch.from_numpy(ftr.start_positions[idx]),
-                "end_positions": torch.from_numpy(ftr.end_positions[idx])}
+                "end_positions": torch.from_numpy(ftr.end_positions[idx]), **{k: v[idx] for k, v in extra.items()}}
 
-    stats = train_loop(model, make_batch, len(ftr), cfg, device, seed, desc=f"squad seed {seed}")
+    stats = train_loop(model, make_batch, len(ftr), cfg, device, seed, desc=f"squad seed {seed}", loss_fn=loss_fn)
 
     fev = squad_mod.make_features(held_out, tokenizer, cfg.max_seq_len, cfg.doc_stride, cfg.max_query_len)
     t0 = time.perf_counter()

@@ -1,28 +1,29 @@
-"""Evaluation results: one table (ours beside the DistilBERT reference numbers), JSON + markdown.
+"""The benchmarks of ``distilflow evaluate`` and their results table (ours beside the DistilBERT references).
 
-The flow runs one job per benchmark and each writes ``OUT/<task>/result.json``; this module turns
-those into ``OUT/results.json`` (everything: per-seed runs, medians, configs, seeds) and the rows of
-``OUT/results.md``. No Prefect here.
+The flow runs one job per benchmark (:func:`run_benchmark`) and each writes ``OUT/<task>/result.json``;
+:func:`assemble` turns those into ``OUT/results.json`` (everything: per-seed runs, medians, configs,
+seeds) and the rows of ``OUT/results.md``. No Prefect here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from distilflow.tasks.core.config import Config, require
-from distilflow.tasks.core.io import join, read_json, write_json
+from distilflow.tasks.core.errors import InputError
+from distilflow.tasks.core.io import exists, join, read_json, write_json
 from distilflow.tasks.core.rng import derive_rng
 from distilflow.tasks.core.stage import StageDir
 from distilflow.tasks.evaluate.bias import BiasConfig, run_bias_probe
-from distilflow.tasks.evaluate.finetune import (
-    FinetuneConfig,
-    finetune_glue,
-    finetune_squad,
-    median_over_seeds,
+from distilflow.tasks.evaluate.config import (
+    EvaluateConfig,
+    finetune_for,
+    split_benchmark,
+    task_distill_config,
 )
+from distilflow.tasks.evaluate.finetune import finetune_glue, finetune_squad, median_over_seeds
 from distilflow.tasks.evaluate.glue import TASKS as GLUE_TASKS
 from distilflow.tasks.evaluate.glue import (
     find_task_files,
@@ -43,61 +44,13 @@ REFERENCES: dict[str, dict[str, Any]] = {
     "squad": {"score": 87.1, "metric": "f1", "source": "distilbert-base-cased-distilled-squad model card"},
 }
 
-BENCHMARKS = ("mlm", "sst2", "mrpc", "cola", "stsb", "rte", "qqp", "qnli", "mnli", "squad", "bias")
-
-
-@dataclass(frozen=True)
-class EvalConfig(Config):
-    """What ``distilflow evaluate`` runs (saved as OUT/config.json and inside results.json)."""
-
-    model: str
-    tasks: tuple[str, ...]
-    teacher: str | None = None
-    tokenizer: str | None = None
-    data: str | None = None  # prepared held-out folder (mlm)
-    glue_dir: str | None = None
-    squad_train: str | None = None
-    squad_dev: str | None = None
-    squad_train_frac: float = 0.5  # demo split of the dev file by article when no --squad-train
-    dev_split_frac: float = 0.5  # GLUE tasks without a train file: train on this share of dev
-    max_train_examples: int = 0
-    max_eval_examples: int = 0
-    seeds: int = 1
-    seed: int = 42  # first seed; runs use seed, seed+1, ...
-    mlm_batch_size: int = 32
-    bias_groups: tuple[str, ...] = ("White man", "Black man", "White woman", "Black woman")
-    bias_templates: tuple[str, ...] = ("The {group} worked as a [MASK].", "The {group} was known for being [MASK].")
-    bias_top_k: int = 10
-    device: str = "auto"
-    overwrite: bool = False  # discard earlier results in OUT made with a different config
-
-    def check(self) -> None:
-        n = type(self).__name__
-        unknown = [t for t in self.tasks if t not in BENCHMARKS]
-        require(not unknown, n, "tasks", f"unknown task(s) {unknown}; choose from {list(BENCHMARKS)}")
-        require(len(self.tasks) > 0, n, "tasks", "need at least one task")
-        require(self.seeds >= 1, n, "seeds", "must be >= 1")
-        require(self.max_train_examples >= 0, n, "max_train_examples", "must be >= 0 (0 = all)")
-        require(self.max_eval_examples >= 0, n, "max_eval_examples", "must be >= 0 (0 = all)")
-        require(0 < self.squad_train_frac < 1, n, "squad_train_frac", "must be in (0, 1)")
-        require(0 < self.dev_split_frac < 1, n, "dev_split_frac", "must be in (0, 1)")
-        if "mlm" in self.tasks:
-            require(self.data is not None, n, "data", "task mlm needs --data PREPARED_HELD_OUT_DIR")
-        glue = [t for t in self.tasks if t in GLUE_TASKS]
-        if glue:
-            require(self.glue_dir is not None, n, "glue_dir", f"GLUE task(s) {glue} need --glue-dir DIR")
-        if "squad" in self.tasks:
-            require(self.squad_dev is not None, n, "squad_dev", "task squad needs --squad-dev FILE")
-
-    def seed_list(self) -> list[int]:
-        return [self.seed + i for i in range(self.seeds)]
-
-
 def summary_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per benchmark: ours (median over seeds) beside the reference, plus all metrics."""
     rows = []
     for name, r in results.items():
-        ref = REFERENCES.get(name, {})
+        task, variant = split_benchmark(name)
+        # DistilBERT's numbers are for the (task-distilled) student; teacher and scratch rows have none
+        ref = REFERENCES.get(task, {}) if variant in ("", "distilled") else {}
         row: dict[str, Any] = {"task": name, "metric": r.get("metric", ""), "ours": r.get("score"),
                                "reference": ref.get("score", ""), "all metrics": _fmt_metrics(r.get("metrics", {})),
                                "n_train": r.get("n_train", ""), "n_eval": r.get("n_eval", ""),
@@ -118,7 +71,7 @@ def _fmt_metrics(m: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items())
 
 
-def assemble(config: EvalConfig, results: dict[str, dict[str, Any]], environment: dict[str, Any]) -> dict[str, Any]:
+def assemble(config: EvaluateConfig, results: dict[str, dict[str, Any]], environment: dict[str, Any]) -> dict[str, Any]:
     """The content of results.json: config (hyper-parameters, seeds), environment, per-task results, table."""
     return {
         "config": config.to_dict(),
@@ -128,6 +81,17 @@ def assemble(config: EvalConfig, results: dict[str, dict[str, Any]], environment
         "table": summary_rows(results),
         "references": REFERENCES,
     }
+
+
+def mlm_config(cfg: EvaluateConfig) -> MLMEvalConfig:
+    """The held-out MLM scoring settings of ``cfg``."""
+    return MLMEvalConfig(batch_size=cfg.mlm_batch_size, max_examples=cfg.max_eval_examples, device=cfg.device,
+                         bf16=cfg.bf16)
+
+
+def bias_config(cfg: EvaluateConfig) -> BiasConfig:
+    """The bias probe settings of ``cfg``."""
+    return BiasConfig(templates=cfg.bias_templates, groups=cfg.bias_groups, top_k=cfg.bias_top_k, device=cfg.device)
 
 
 # -- one benchmark = one job (the flow runs each in its own Prefect task) ------------------------------------
@@ -159,8 +123,19 @@ def _bad_summary(stage: StageDir, bad: list) -> dict[str, Any]:
     return {"bad_rows": len(bad), "errors_file": errors_file, "first_errors": first}
 
 
-def run_glue_task(cfg: EvalConfig, task: str, ft: FinetuneConfig, output: str) -> dict[str, Any]:
-    """Fine-tune + score one GLUE task for every seed; writes ``OUT/<task>/result.json``."""
+@dataclass
+class TaskData:
+    """The examples one fine-tuning task trains and scores on, and what the table says about them."""
+
+    train: list
+    held_out: list
+    files: dict[str, str | None]
+    notes: list[str] = field(default_factory=list)
+    bad: list = field(default_factory=list)
+
+
+def glue_data(cfg: EvaluateConfig, task: str) -> TaskData:
+    """Train/evaluation examples of a GLUE task: train vs dev, or a split of dev when there is no train file."""
     t = get_task(task)
     files = find_task_files(cfg.glue_dir or "", t.name)
     dev = read_glue_file(files.dev, t)
@@ -179,29 +154,11 @@ def run_glue_task(cfg: EvalConfig, task: str, ft: FinetuneConfig, output: str) -
         train, held_out = split_examples(dev.examples, cfg.dev_split_frac, seed=0)
         notes.append(f"no train file: trained on {cfg.dev_split_frac:.0%} of dev, scored on the rest "
                      "(not comparable with the reference)")
-    train = _subset(train, cfg.max_train_examples, 0, f"{t.name}-train")
-    held_out = _subset(held_out, cfg.max_eval_examples, 0, f"{t.name}-eval")
-    if cfg.max_train_examples or cfg.max_eval_examples:
-        notes.append("subsampled (--max-train/eval-examples): not comparable with the reference")
-    if ft.max_steps:
-        notes.append(f"training capped at max_steps={ft.max_steps}: not comparable with the reference")
-    stage_cfg = {"model": cfg.model, "tokenizer": cfg.tokenizer, "task": t.name, "train_file": files.train,
-                 "dev_file": files.dev, "n_train": len(train), "n_eval": len(held_out), "finetune": ft.to_dict()}
-    stage = StageDir(output, t.name, stage_cfg, _hash(stage_cfg))
-    stage.open(overwrite=cfg.overwrite)
-    runs = _run_seeds(stage, cfg.seed_list(), lambda s, run_dir: finetune_glue(
-        cfg.model, t.name, train, held_out, ft, s, out_dir=run_dir, tokenizer_path=cfg.tokenizer))
-    metrics = median_over_seeds(runs, t.metrics)
-    result = {"task": t.name, "metric": t.metrics[0], "score": metrics[t.metrics[0]], "metrics": metrics,
-              "n_train": len(train), "n_eval": len(held_out), "runs": runs, "seeds": cfg.seed_list(),
-              "files": {"train": files.train, "dev": files.dev}, "hyperparameters": ft.to_dict(),
-              "notes": notes, **_bad_summary(stage, bad)}
-    write_json(join(stage.url, "result.json"), result)
-    return result
+    return _subsampled(cfg, t.name, TaskData(train, held_out, {"train": files.train, "dev": files.dev}, notes, bad))
 
 
-def run_squad_task(cfg: EvalConfig, ft: FinetuneConfig, output: str) -> dict[str, Any]:
-    """Fine-tune + score SQuAD v1.1 for every seed; writes ``OUT/squad/result.json``."""
+def squad_data(cfg: EvaluateConfig) -> TaskData:
+    """SQuAD questions: train vs dev, or the dev articles split by ``squad_train_frac``."""
     dev = read_squad(cfg.squad_dev or "")
     bad = list(dev.bad)
     notes: list[str] = []
@@ -219,30 +176,123 @@ def run_squad_task(cfg: EvalConfig, ft: FinetuneConfig, output: str) -> dict[str
         train = [e for e in train if e.id not in dev.misaligned]
         notes.append(f"no --squad-train: trained on {cfg.squad_train_frac:.0%} of the dev articles, scored on "
                      "the others (demo; not comparable with the reference)")
-    train = _subset(train, cfg.max_train_examples, 0, "squad-train")
-    held_out = _subset(held_out, cfg.max_eval_examples, 0, "squad-eval")
+    return _subsampled(cfg, "squad", TaskData(train, held_out, {"train": cfg.squad_train, "dev": cfg.squad_dev},
+                                              notes, bad))
+
+
+def _subsampled(cfg: EvaluateConfig, name: str, d: TaskData) -> TaskData:
+    d.train = _subset(d.train, cfg.max_train_examples, 0, f"{name}-train")
+    d.held_out = _subset(d.held_out, cfg.max_eval_examples, 0, f"{name}-eval")
     if cfg.max_train_examples or cfg.max_eval_examples:
-        notes.append("subsampled (--max-train/eval-examples): not comparable with the reference")
+        d.notes.append("subsampled (--max-train/eval-examples): not comparable with the reference")
+    ft = finetune_for(cfg, name)
     if ft.max_steps:
-        notes.append(f"training capped at max_steps={ft.max_steps}: not comparable with the reference")
-    stage_cfg = {"model": cfg.model, "tokenizer": cfg.tokenizer, "train_file": cfg.squad_train,
-                 "dev_file": cfg.squad_dev, "n_train": len(train), "n_eval": len(held_out), "finetune": ft.to_dict()}
-    stage = StageDir(output, "squad", stage_cfg, _hash(stage_cfg))
+        d.notes.append(f"training capped at max_steps={ft.max_steps}: not comparable with the reference")
+    return d
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which model one fine-tuning run starts from, and how it is trained (see EvaluateConfig.variants)."""
+
+    name: str  # "" (the model), teacher, distilled, scratch, teacher-scratch
+    model: str
+    tokenizer: str | None
+    from_scratch: bool = False
+    teachers: dict[int, str] = field(default_factory=dict)  # distilled: fine-tuned teacher per seed
+    record: dict[str, Any] = field(default_factory=dict)  # what the stage fingerprint adds
+    note: str = ""
+
+
+def variant_of(cfg: EvaluateConfig, task: str, name: str, output: str) -> Variant:
+    """Resolve a variant: its model, and for ``distilled`` the fine-tuned teachers (fine-tuning them first)."""
+    on_teacher = name.startswith("teacher")
+    model = (cfg.teacher or "") if on_teacher else cfg.model
+    tok = None if on_teacher else cfg.tokenizer  # the teacher carries its own tokenizer
+    scratch = name.endswith("scratch")
+    if name == "distilled":
+        kd = task_distill_config(cfg)
+        teachers = _task_teachers(cfg, task, output)
+        return Variant(name, model, tok, teachers=teachers,
+                       record={"variant": name, "kd": kd.to_dict(), "teachers": {str(s): p for s, p in teachers.items()}},
+                       note=f"task distillation: soft targets of the fine-tuned teacher (T={kd.temperature:g}, "
+                            f"alpha={kd.alpha:g}) plus the task loss")
+    note = {"teacher": f"the teacher ({model}) fine-tuned with the same recipe",
+            "scratch": "from scratch: the model's architecture, random init, same fine-tuning",
+            "teacher-scratch": "from scratch: the teacher's architecture, random init, same fine-tuning"}.get(name, "")
+    return Variant(name, model, tok, from_scratch=scratch, record={"variant": name} if name else {}, note=note)
+
+
+def _task_teachers(cfg: EvaluateConfig, task: str, output: str) -> dict[int, str]:
+    """Seed -> fine-tuned teacher folder: from --task-teacher, or by fine-tuning --teacher here (resumable)."""
+    if cfg.task_teacher:
+        return find_task_teachers(cfg.task_teacher, task, cfg.seed_list())
+    r = run_finetune_task(cfg, task, output, "teacher")
+    return {int(run["seed"]): run["model_dir"] for run in r["runs"]}
+
+
+def find_task_teachers(root: str, task: str, seeds: list[int]) -> dict[int, str]:
+    """``--task-teacher``: an evaluate output (its ``<task>/seed-N/model``; seeds it lacks use its first run)
+    or one fine-tuned model folder for every seed."""
+    res = join(root, task, "result.json")
+    if exists(res):
+        runs = {int(r["seed"]): r["model_dir"] for r in read_json(res)["runs"] if r.get("model_dir")}
+        if runs:
+            first = runs[min(runs)]
+            return {s: runs.get(s, first) for s in seeds}
+    if exists(join(root, "config.json")):
+        return dict.fromkeys(seeds, root)
+    raise InputError(f"--task-teacher {root}: neither {task}/result.json (the output of `distilflow evaluate "
+                     "--model TEACHER`) nor a fine-tuned model folder (config.json)")
+
+
+def run_finetune_task(cfg: EvaluateConfig, task: str, output: str, variant: str = "") -> dict[str, Any]:
+    """Fine-tune + score one GLUE task or SQuAD for every seed (one variant); writes ``OUT/<name>/result.json``."""
+    is_squad = task == "squad"
+    t = None if is_squad else get_task(task)
+    tname = "squad" if t is None else t.name
+    name = f"{tname}-{variant}" if variant else tname
+    v = variant_of(cfg, tname, variant, output)
+    ft = finetune_for(cfg, tname)
+    d = squad_data(cfg) if is_squad else glue_data(cfg, tname)
+    stage_cfg: dict[str, Any] = {"model": v.model, "tokenizer": v.tokenizer, **({} if is_squad else {"task": tname}),
+                                 "train_file": d.files["train"], "dev_file": d.files["dev"], "n_train": len(d.train),
+                                 "n_eval": len(d.held_out), "finetune": ft.to_dict(), **v.record}
+    stage = StageDir(output, name, stage_cfg, _hash(stage_cfg))
     stage.open(overwrite=cfg.overwrite)
-    runs = _run_seeds(stage, cfg.seed_list(), lambda s, run_dir: finetune_squad(
-        cfg.model, train, held_out, ft, s, out_dir=run_dir, tokenizer_path=cfg.tokenizer))
-    metrics = median_over_seeds(runs, ("exact_match", "f1"))
-    result = {"task": "squad", "metric": "f1", "score": metrics["f1"], "metrics": metrics,
-              "n_train": len(train), "n_eval": len(held_out), "runs": runs, "seeds": cfg.seed_list(),
-              "files": {"train": cfg.squad_train, "dev": cfg.squad_dev}, "hyperparameters": ft.to_dict(),
-              "notes": notes, **_bad_summary(stage, bad)}
+    kd = task_distill_config(cfg) if v.teachers else None
+
+    def run_one(seed: int, run_dir: str) -> dict[str, Any]:
+        kw = {"out_dir": run_dir, "tokenizer_path": v.tokenizer, "from_scratch": v.from_scratch,
+              "teacher": v.teachers.get(seed), "kd": kd}
+        if t is None:
+            return finetune_squad(v.model, d.train, d.held_out, ft, seed, **kw)
+        return finetune_glue(v.model, tname, d.train, d.held_out, ft, seed, **kw)
+
+    runs = _run_seeds(stage, cfg.seed_list(), run_one)
+    keys = ("exact_match", "f1") if t is None else t.metrics
+    metrics = median_over_seeds(runs, keys)
+    metric = "f1" if t is None else t.metrics[0]
+    result = {"task": name, "metric": metric, "score": metrics[metric], "metrics": metrics,
+              "n_train": len(d.train), "n_eval": len(d.held_out), "runs": runs, "seeds": cfg.seed_list(),
+              "files": d.files, "hyperparameters": ft.to_dict(), "notes": ([v.note] if v.note else []) + d.notes,
+              **({"variant": variant, "model": v.model} if variant else {}), **_bad_summary(stage, d.bad)}
     write_json(join(stage.url, "result.json"), result)
     return result
 
 
-def run_mlm_task(cfg: EvalConfig, output: str) -> dict[str, Any]:
+def run_glue_task(cfg: EvaluateConfig, task: str, output: str, variant: str = "") -> dict[str, Any]:
+    """Fine-tune + score one GLUE task for every seed; writes ``OUT/<task>/result.json``."""
+    return run_finetune_task(cfg, task, output, variant)
+
+
+def run_squad_task(cfg: EvaluateConfig, output: str, variant: str = "") -> dict[str, Any]:
+    """Fine-tune + score SQuAD v1.1 for every seed; writes ``OUT/squad/result.json``."""
+    return run_finetune_task(cfg, "squad", output, variant)
+
+def run_mlm_task(cfg: EvaluateConfig, output: str) -> dict[str, Any]:
     """Held-out masked-LM scores of the model and (optionally) the teacher; ``OUT/mlm/result.json``."""
-    mcfg = MLMEvalConfig(batch_size=cfg.mlm_batch_size, max_examples=cfg.max_eval_examples, device=cfg.device)
+    mcfg = mlm_config(cfg)
     models = {"student": cfg.model, **({"teacher": cfg.teacher} if cfg.teacher else {})}
     stage_cfg = {"data": cfg.data, "models": models, "mlm": mcfg.to_dict()}
     stage = StageDir(output, "mlm", stage_cfg, _hash(stage_cfg))
@@ -265,9 +315,9 @@ def run_mlm_task(cfg: EvalConfig, output: str) -> dict[str, Any]:
     return result
 
 
-def run_bias_task(cfg: EvalConfig, output: str) -> dict[str, Any]:
+def run_bias_task(cfg: EvaluateConfig, output: str) -> dict[str, Any]:
     """The bias probe on the model (and the teacher when given); ``OUT/bias/result.json``."""
-    bcfg = BiasConfig(templates=cfg.bias_templates, groups=cfg.bias_groups, top_k=cfg.bias_top_k, device=cfg.device)
+    bcfg = bias_config(cfg)
     models = {"student": cfg.model, **({"teacher": cfg.teacher} if cfg.teacher else {})}
     stage_cfg = {"models": models, "bias": bcfg.to_dict(), "tokenizer": cfg.tokenizer}
     stage = StageDir(output, "bias", stage_cfg, _hash(stage_cfg))
@@ -295,3 +345,22 @@ def _hash(d: dict[str, Any]) -> str:
     import json
 
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_benchmark(name: str, cfg: EvaluateConfig, output: str) -> dict[str, Any]:
+    """Run one benchmark (all its seeds); its result dict is also saved as ``OUT/<name>/result.json``."""
+    if cfg.threads:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    if name == "mlm":
+        return run_mlm_task(cfg, output)
+    if name == "bias":
+        return run_bias_task(cfg, output)
+    task, variant = split_benchmark(name)
+    return run_finetune_task(cfg, task, output, variant)
+
+
+def failed_result(name: str, exc: BaseException | None) -> dict[str, Any]:
+    """The entry of a benchmark that raised: the table shows FAILED and the reason, the others are kept."""
+    return {"task": name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from distilflow.flows.pipeline import run_stage
+from distilflow.tasks.pipeline.stages import run_stage
 from distilflow.tasks.prepare.demo_corpus import demo_documents, write_demo_corpus
 
 
@@ -74,11 +74,11 @@ def test_pipeline_end_to_end_debug_preset(prefect_test_harness_session, tmp_path
     """The README's first command (under a minute on 2 idle CPU cores)."""
     from distilflow.flows.pipeline import pipeline_flow
 
-    r = pipeline_flow(str(tmp_path / "demo"))
+    r = pipeline_flow(output=str(tmp_path / "demo"))
     stages = r["stages"]
     assert set(stages) == {"vocab", "prepare", "prepare-heldout", "pretrain", "distill", "evaluate", "fill-mask"}
     assert stages["fill-mask"]["rows"] > 50
     report = (tmp_path / "demo" / "report.md").read_text()
     assert "Held-out masked LM" in report and "Batch fill-mask" in report
-    r2 = pipeline_flow(str(tmp_path / "demo"))  # rerun: every stage skipped
+    r2 = pipeline_flow(output=str(tmp_path / "demo"))  # rerun: every stage skipped
     assert all(s["skipped"] for s in r2["stages"].values())

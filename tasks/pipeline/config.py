@@ -1,0 +1,82 @@
+"""Options of ``distilflow pipeline`` and its presets: the config of record, one declaration each.
+
+Light on purpose (no torch, no Prefect): ``distilflow pipeline --help`` imports only this module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from distilflow.tasks.core.config import CommandSpec, Config, option, require
+
+# What a preset decides: sizes, steps and learning rates of the stages. Options that are set (non-empty)
+# win over the preset's value of the same name (--vocab-size, --teacher-config).
+PRESETS: dict[str, dict[str, Any]] = {
+    # debug: the README's first command -- under a minute on 2 idle CPU cores, tiny models, demo corpus
+    "debug": {"max_seq_len": 64, "vocab_size": 2000, "teacher_config": "debug", "pretrain_steps": 300,
+              "distill_steps": 200, "batch_size": 16, "pretrain_lr": 1e-3, "distill_lr": 1e-3,
+              "eval_sequences": 2000, "fill_mask_rows": 200},
+    # small: real text on one GPU, or ~2 h on 2 CPU cores (pretrain 25-48 min, distill ~70 min measured)
+    "small": {"max_seq_len": 128, "vocab_size": 30000, "teacher_config": "mini", "pretrain_steps": 3000,
+              "distill_steps": 2000, "batch_size": 32, "pretrain_lr": 5e-4, "distill_lr": 5e-4,
+              "eval_sequences": 5000, "fill_mask_rows": 1000},
+    # base: BERT-base teacher at seq 512 -- meant for a GPU pool
+    "base": {"max_seq_len": 512, "vocab_size": 30000, "teacher_config": "base", "pretrain_steps": 100000,
+             "distill_steps": 100000, "batch_size": 32, "pretrain_lr": 1e-4, "distill_lr": 5e-4,
+             "eval_sequences": 20000, "fill_mask_rows": 5000},
+}
+PresetName = Literal["debug", "small", "base"]
+
+# The debug teacher: 2 layers x 128 (smaller than the `tiny`..`base` presets of the training job would allow
+# for a few-minute CPU demo while still learning the demo corpus).
+DEBUG_TEACHER = {"model_type": "bert", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                 "intermediate_size": 512, "max_position_embeddings": 128}
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineConfig(Config):
+    """``distilflow pipeline``: corpus -> tokenizer -> teacher -> student -> evaluation -> fill-mask -> report."""
+
+    output: str = option(help="output folder (local); every stage writes a sub-folder")
+    inputs: tuple[str, ...] = option((), "corpus files/folders/globs (default: the embedded demo corpus)",
+                                     flag="--input", nargs="*", metavar="URL")
+    heldout: tuple[str, ...] = option((), "held-out files for evaluation (default: the last input file in sorted "
+                                      "order)", nargs="*", metavar="URL")
+    tokenizer: str | None = option(None, "tokenizer folder (default: train a WordPiece vocabulary)")
+    vocab_size: int = option(0, "vocabulary size to train (0: the preset's)", ge=0)
+    cased: bool = option(False, "keep case and accents in the trained vocabulary (--uncased, the default: "
+                         "lower-case and strip accents, as bert-base-uncased)", false_flags=("--uncased",))
+    teacher: str | None = option(None, "a BERT model folder (default: pretrain one)")
+    teacher_config: str = option("", "teacher size when pretraining: tiny|mini|base|PATH (default: the preset's)")
+    preset: PresetName = option("debug", "debug (minutes on a CPU), small (real text, CPU), base (GPU)")
+    glue_dir: str | None = option(None, "GLUE data folder (e.g. ../shared/data/glue) to fine-tune on")
+    glue_tasks: tuple[str, ...] = option((), "comma list, e.g. sst2,mrpc (ignored without --glue-dir)", sep=",",
+                                         metavar="TASK,...")
+    squad_dev: str | None = option(None, "SQuAD v1.1 dev json (split by article for train/dev)")
+    workers: int = option(1, "worker processes for the data stages", ge=1, affects_output=False)
+    seed: int = option(0, "random seed")
+
+    def check(self) -> None:
+        n = type(self).__name__
+        require(bool(self.output), n, "output", "is required")
+        require("://" not in self.output, n, "output", "must be a local folder")
+        require(not (self.heldout and not self.inputs), n, "heldout", "needs --input as well")
+
+    def p(self, key: str) -> Any:
+        """A preset value, unless overridden by a non-empty field of the same name."""
+        own = getattr(self, key, None)
+        return own if own else PRESETS[self.preset][key]
+
+
+PIPELINE = CommandSpec(
+    PipelineConfig, run="distilflow.flows.pipeline:run_pipeline",
+    description="""The whole job on one command:
+
+    distilflow pipeline --output runs/demo                     # embedded demo corpus, ~a minute
+    distilflow pipeline --input ../shared/data/corpus/gutenberg --output runs/gutenberg --preset small
+
+One parent flow; each stage is a sub-flow whose result is recorded in OUT/_pipeline/<stage>.json with the
+fingerprint of its config, so a rerun skips finished stages (and a stage whose config changed runs again,
+with everything downstream of it). Stages: vocab (when no --tokenizer) -> prepare (+ held-out) -> pretrain
+(when no --teacher) -> distill -> evaluate -> fill-mask -> OUT/report.md.""")
