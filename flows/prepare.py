@@ -53,14 +53,14 @@ def shard_task(key: str, unit: Any, stage: StageDir, record: Any) -> dict[str, A
 
 
 @task(name="pairs-part", retries=1, retry_delay_seconds=2)
-def pairs_task(key: str, corpus_url: str, neighbour: str | None, tokenizer: str, stage: StageDir,
+def pairs_task(key: str, corpus_url: str, neighbour: str | None, tokenizer: Any, stage: StageDir,
                record: Any) -> dict[str, Any]:
-    return _unit(stage, key, pairs_part, corpus_url, key, neighbour, stage, record, job.local_tokenizer(tokenizer))
+    return _unit(stage, key, pairs_part, corpus_url, key, neighbour, stage, record, job.localize(tokenizer))
 
 
 @task(name="mask-part", retries=1, retry_delay_seconds=2)
-def mask_task(key: str, pairs_url: str, tokenizer: str, stage: StageDir, record: Any) -> dict[str, Any]:
-    return _unit(stage, key, mask_part, pairs_url, key, stage, record, job.local_tokenizer(tokenizer))
+def mask_task(key: str, pairs_url: str, tokenizer: Any, stage: StageDir, record: Any) -> dict[str, Any]:
+    return _unit(stage, key, mask_part, pairs_url, key, stage, record, job.localize(tokenizer))
 
 
 def _run(plan: job.StagePlan, unit_task: Any, title: str) -> None:
@@ -94,6 +94,8 @@ def run_pairs_stage(cfg: PairsJobConfig | PrepareConfig) -> dict[str, Any]:
     """``output/corpus`` -> ``output/pairs/part-*.parquet`` (NSP pairs or single segments) + token counts."""
     t0 = time.perf_counter()
     plan = job.plan_pairs(cfg, cfg.overwrite)
+    backend, why_not = job.tokenizer_backend(plan.tokenizer)
+    get_run_logger().info("pairs: tokenizing with %s%s", backend, f" ({why_not})" if why_not else "")
     _run(plan, pairs_task, "pairs")
     return _publish("pairs", job.finish_stage(plan), t0)
 

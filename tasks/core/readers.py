@@ -77,14 +77,15 @@ def detect_format(url: str) -> Format:
     return fmt
 
 
-def iter_lines(f: IO[bytes], url: str, max_line_bytes: int) -> Iterator[tuple[int, str] | BadRecord]:
+def iter_lines(f: IO[bytes], url: str, max_line_bytes: int, start_line: int = 0) -> Iterator[tuple[int, str] | BadRecord]:
     """Yield ``(line_no, text)`` without the line ending, or BadRecord for undecodable/huge lines.
 
     A line longer than ``max_line_bytes`` is skipped in chunks (never held whole in memory).
     The first chunk is checked for NUL bytes: a binary file is reported once and not read further.
+    ``start_line`` > 0: ``f`` continues a file after that many lines (no empty/binary/BOM checks).
     """
-    line_no = 0
-    first = True
+    line_no = start_line
+    first = start_line == 0
     while True:
         raw = f.readline(max_line_bytes + 1)
         if not raw:

@@ -131,11 +131,12 @@ def plan_pairs(cfg: PairsOptions, overwrite: bool = False) -> StagePlan:
     stage.open(overwrite)
     corpus_url = join(cfg.output, "corpus")
     parts = [f["file"] for f in corpus["files"]]
+    info = tokenizer_info(tok_url)
     units: dict[str, tuple[Any, ...]] = {}
     for i, p in enumerate(parts):
         # a part holding a single document borrows its random B documents from the next part
         neighbour = join(corpus_url, parts[(i + 1) % len(parts)]) if len(parts) > 1 else None
-        units[p.removesuffix(".parquet")] = (join(corpus_url, p), neighbour, tok_url)
+        units[p.removesuffix(".parquet")] = (join(corpus_url, p), neighbour, info)
     sizes = {f["file"].removesuffix(".parquet"): f.get("chars", 0) / 1e6 for f in corpus["files"]}
     return StagePlan(stage, record, units, sizes=sizes, unit="MB", tokenizer=tok_url)
 
@@ -149,9 +150,30 @@ def plan_mask(cfg: MaskOptions, overwrite: bool = False) -> StagePlan:
                      record.fingerprint() + pairs["fingerprint"][:8])
     stage.open(overwrite)
     pairs_url = join(cfg.output, "pairs")
-    units = {f["file"].removesuffix(".parquet"): (join(pairs_url, f["file"]), tok_url) for f in pairs["files"]}
+    info = tokenizer_info(tok_url)
+    units = {f["file"].removesuffix(".parquet"): (join(pairs_url, f["file"]), info) for f in pairs["files"]}
     sizes = {f["file"].removesuffix(".parquet"): float(f.get("tokens", 0)) for f in pairs["files"]}
     return StagePlan(stage, record, units, sizes=sizes, unit="tok", tokenizer=tok_url)
+
+
+def tokenizer_info(url: str) -> Any:
+    """The :class:`~distilflow.tasks.prepare.pairs.TokenizerInfo` sent to the workers (``path`` = the URL;
+    :func:`localize` turns it into a local folder where the unit runs)."""
+    from distilflow.tasks.prepare.pairs import TokenizerInfo
+
+    return TokenizerInfo.load(local_tokenizer(url)).at(url)
+
+
+def localize(info: Any) -> Any:
+    return info.at(local_tokenizer(info.path))
+
+
+def tokenizer_backend(url: str) -> tuple[str, str]:
+    """(the encoder the pairs units use: ``nanotoken`` or ``tokenizers``, why not nanotoken)."""
+    from distilflow.tasks.prepare.pairs import encoder_for
+
+    enc = encoder_for(local_tokenizer(url))
+    return enc.backend, enc.reason
 
 
 def finish_stage(plan: StagePlan) -> dict[str, Any]:
@@ -165,7 +187,8 @@ def finish_stage(plan: StagePlan) -> dict[str, Any]:
 
         vocab_size = len(load_tokenizer(local_tokenizer(plan.tokenizer)))
         merge_token_counts(plan.stage, keys, vocab_size)
-        extra = {"tokenizer": "tokenizer", "vocab_size": vocab_size}
+        extra = {"tokenizer": "tokenizer", "vocab_size": vocab_size,
+                 "tokenizer_backend": tokenizer_backend(plan.tokenizer)[0]}
     manifest = plan.stage.write_manifest(keys, extra)
     write_dataset_card(plan.stage.root)
     return manifest
@@ -232,12 +255,12 @@ def run_local(cfg: Any) -> dict[str, dict[str, Any]]:
     out["corpus"] = finish_stage(plan)
     plan = plan_pairs(cfg, cfg.overwrite)
     for key in plan.pending():
-        corpus_url, neighbour, tok = plan.units[key]
-        pairs_part(corpus_url, key, neighbour, plan.stage, plan.record, local_tokenizer(tok))
+        corpus_url, neighbour, info = plan.units[key]
+        pairs_part(corpus_url, key, neighbour, plan.stage, plan.record, localize(info))
     out["pairs"] = finish_stage(plan)
     plan = plan_mask(cfg, cfg.overwrite)
     for key in plan.pending():
-        pairs_url, tok = plan.units[key]
-        mask_part(pairs_url, key, plan.stage, plan.record, local_tokenizer(tok))
+        pairs_url, info = plan.units[key]
+        mask_part(pairs_url, key, plan.stage, plan.record, localize(info))
     out["masked"] = finish_stage(plan)
     return out

@@ -20,7 +20,7 @@ from distilflow.tasks.core.io import iter_parquet_batches, join, release_memory,
 from distilflow.tasks.core.rng import derive_rng
 from distilflow.tasks.core.stage import StageDir
 from distilflow.tasks.prepare.masking import IGNORE_INDEX, MaskConfig, Vocab, mask_flat, smoothing_weights
-from distilflow.tasks.prepare.pairs import PAIRS_SCHEMA, load_tokenizer, read_token_counts
+from distilflow.tasks.prepare.pairs import PAIRS_SCHEMA, TokenizerInfo, read_token_counts
 
 MASKED_SCHEMA = PAIRS_SCHEMA.append(pa.field("labels", pa.list_(pa.int32()), nullable=False))
 
@@ -45,10 +45,10 @@ class MaskStageConfig(Config):
                           max_predictions=self.max_predictions)
 
 
-def mask_part(pairs_url: str, key: str, stage: StageDir, cfg: MaskStageConfig, tokenizer_path: str) -> dict[str, Any]:
+def mask_part(pairs_url: str, key: str, stage: StageDir, cfg: MaskStageConfig,
+              tokenizer: TokenizerInfo | str) -> dict[str, Any]:
     """Mask every row of one pairs part ``dupe_factor`` times; write ``masked/<key>.parquet``."""
-    tok = load_tokenizer(tokenizer_path)
-    vocab = Vocab.from_tokenizer(tok)
+    vocab = (tokenizer if isinstance(tokenizer, TokenizerInfo) else TokenizerInfo.load(tokenizer)).vocab
     mcfg = cfg.mask_config()
     weights = None
     if mcfg.smoothing > 0:

@@ -17,7 +17,7 @@ ABBREVIATIONS = frozenset(
 
 # Candidate boundary: terminal punctuation, closing quotes/brackets, whitespace, then a sentence start.
 _BOUNDARY = re.compile(r"""([.!?\u2026]+)(["'\u201d\u2019)\]]*)\s+(?=["'\u201c\u2018(\[]*[A-Z0-9])""")
-_WORD_BEFORE = re.compile(r"""([\w.'-]+)$""")
+_WORD_REV = re.compile(r"""[\w.'-]+""")  # a word, matched backwards on the reversed text
 
 
 def normalize_whitespace(text: str) -> str:
@@ -32,9 +32,13 @@ def split_sentences(text: str) -> list[str]:
         return []
     out: list[str] = []
     start = 0
+    rev = ""  # the text reversed, made on the first period: the word before a period is a prefix match there
     for m in _BOUNDARY.finditer(text):
-        if m.group(1) == "." and _is_abbreviation(text, m.start(1)):
-            continue
+        if m.group(1) == ".":
+            if not rev:
+                rev = text[::-1]
+            if _is_abbreviation(text, rev, m.start(1)):
+                continue
         end = m.end(2)
         sentence = text[start:end].strip()
         if sentence:
@@ -46,11 +50,13 @@ def split_sentences(text: str) -> list[str]:
     return out
 
 
-def _is_abbreviation(text: str, period_pos: int) -> bool:
-    m = _WORD_BEFORE.search(text, max(0, period_pos - 32), period_pos)
+def _is_abbreviation(text: str, rev: str, period_pos: int) -> bool:
+    """Is the word just before ``text[period_pos]`` (at most 32 characters of ``[\\w.'-]``) an abbreviation?"""
+    m = _WORD_REV.match(rev, len(text) - period_pos)
     if not m:
         return False
-    word = m.group(1).lstrip("'\"(").lower()
+    n = min(m.end() - m.start(), 32)
+    word = text[period_pos - n: period_pos].lstrip("'\"(").lower()
     if len(word) == 1 and word.isalpha():
         return True  # an initial: "J. Smith"
     return word in ABBREVIATIONS or word.rstrip(".") in ABBREVIATIONS

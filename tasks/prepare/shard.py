@@ -13,11 +13,14 @@ reruns and machines, readable, and independent of how many workers ran.
 
 from __future__ import annotations
 
+import io
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 import pyarrow as pa
 
 from distilflow.tasks.core.config import Config, require
@@ -92,17 +95,132 @@ def iter_documents(unit: ShardUnit, cfg: ShardConfig) -> Iterator[tuple[str, int
         yield BadRecord(unit.url, None, "unreadable_file", f"{type(e).__name__}: {e}")
 
 
+BLOCK_BYTES = 8 << 20  # text read per block by the fast reader
+# A document ends at a line that is empty or whitespace-only. On bytes only ASCII-blank lines are seen:
+# a subset of the boundaries, used only to cut blocks at a safe place (the decoded text is split exactly).
+_BLANK_BYTES = re.compile(rb"\n[ \t\r\f\v]*\n")
+_BLANK_TEXT = re.compile(r"\n\s*\n")  # \s is str.isspace(): exactly the old per-line test
+
+
 def _text_documents(url: str, f, cfg: ShardConfig) -> Iterator[tuple[str, int] | BadRecord]:
+    """Documents of a plain-text file, read in blocks of whole documents and split with one regex pass.
+
+    The same documents as :func:`_line_documents` (the per-line reference, kept for everything unusual):
+    a block is handed to it, with the rest of the file, as soon as it holds invalid UTF-8, a line longer
+    than ``max_line_bytes``, a NUL byte at the start of the file, or a document that may need cutting
+    (``>= max_doc_bytes``). Document texts differ only in whitespace, which sentence splitting collapses.
+    """
+    pending = b""  # bytes from a document boundary on, not processed yet
+    lines_before = 0  # lines of the file before ``pending``
+    start = True  # the next chunk starts the file (byte-order mark)
+    max_pending = max(4 * BLOCK_BYTES, cfg.max_doc_bytes)
+    raw = f.read(BLOCK_BYTES)
+    if not raw or b"\x00" in raw[:8192]:  # empty or binary: reported by the reference
+        yield from _line_documents(url, _Prefixed(raw, f), cfg)
+        return
+    while True:
+        data = pending + raw
+        if raw and len(data) - data.rfind(b"\n") - 1 > cfg.max_line_bytes:  # a too-long line: never hold it
+            yield from _line_documents(url, _Prefixed(data, f), cfg, lines_before)
+            return
+        if raw:
+            cut = _last_boundary(data)
+            if cut == 0:
+                if len(data) > max_pending:  # no boundary in sight: one huge document or a huge line
+                    yield from _line_documents(url, _Prefixed(data, f), cfg, lines_before)
+                    return
+                pending = data
+                raw = f.read(BLOCK_BYTES)
+                continue
+        else:
+            cut = len(data)
+        chunk, pending = data[:cut], data[cut:]
+        if not chunk:
+            return
+        text = _clean_text(chunk, cfg.max_line_bytes)
+        if text is None:
+            yield from _line_documents(url, _Prefixed(chunk + pending, f), cfg, lines_before)
+            return
+        if start and text.startswith("\ufeff"):
+            text = text[1:]  # UTF-8 byte-order mark
+        start = False
+        pos = 0
+        for m in [*_BLANK_TEXT.finditer(text), None]:
+            end = m.start() if m is not None else len(text)
+            piece = text[pos:end]
+            if len(piece) >= cfg.max_doc_bytes:  # may be cut into several: the reference decides where
+                first = lines_before + text.count("\n", 0, pos)
+                yield from _group_lines(url, enumerate(piece.split("\n"), first + 1), cfg)
+            elif not piece.isspace() and piece:
+                yield piece, 0
+            pos = m.end() if m is not None else len(text)
+        lines_before += chunk.count(b"\n")
+        raw = f.read(BLOCK_BYTES)
+
+
+def _last_boundary(data: bytes) -> int:
+    """Offset just after the last ASCII-blank line in ``data`` (0 if none)."""
+    tail = max(0, len(data) - (1 << 16))
+    while True:
+        ends = [m.end() for m in _BLANK_BYTES.finditer(data, tail)]
+        if ends:
+            return ends[-1]
+        if tail == 0:
+            return 0
+        tail = 0
+
+
+def _clean_text(chunk: bytes, max_line_bytes: int) -> str | None:
+    """``chunk`` decoded, or None if it holds invalid UTF-8 or a line longer than ``max_line_bytes``."""
+    nl = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10)
+    ends = np.append(nl, len(chunk)) if not chunk.endswith(b"\n") else nl
+    if len(ends) and int(np.diff(ends, prepend=-1).max()) - 1 > max_line_bytes:
+        return None
+    try:
+        return chunk.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class _Prefixed(io.RawIOBase):
+    """``prefix`` then the rest of ``f``, as one readable binary stream (hands a block back to the
+    per-line reader)."""
+
+    def __init__(self, prefix: bytes, f) -> None:
+        self.prefix, self.f = memoryview(prefix), f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        if len(self.prefix):
+            n = min(len(b), len(self.prefix))
+            b[:n] = self.prefix[:n]
+            self.prefix = self.prefix[n:]
+            return n
+        data = self.f.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+def _line_documents(url: str, raw, cfg: ShardConfig, start_line: int = 0) -> Iterator[tuple[str, int] | BadRecord]:
+    """The reference reader, line by line (also the fast reader's fallback from ``start_line`` on)."""
+    f = raw if not isinstance(raw, _Prefixed) else io.BufferedReader(raw, buffer_size=1 << 20)
+    yield from _group_lines(url, iter_lines(f, url, cfg.max_line_bytes, start_line), cfg)
+
+
+def _group_lines(url: str, lines, cfg: ShardConfig) -> Iterator[tuple[str, int] | BadRecord]:
     # Straight on the line reader (no Record objects): this loop runs once per input line.
     buf: list[str] = []
     size = 0
     first_line = 0
     sep = "\n" if cfg.one_sentence_per_line else " "
-    for item in iter_lines(f, url, cfg.max_line_bytes):
+    for item in lines:
         if isinstance(item, BadRecord):
             yield item
             continue
         line_no, text = item
+        text = text.rstrip("\r\n")
         if not text or text.isspace():
             if buf:
                 yield sep.join(buf), first_line

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from distilflow.tasks.core.rng import derive_rng
 from distilflow.tasks.prepare.pairs import (
     NO_NSP_LABEL,
+    Encoder,
     PairsConfig,
     TokenizedPart,
     Uniforms,
@@ -178,13 +179,29 @@ TRICKY = ["Café naïve — “quoted” 東京 e\u0301 \t tabs", "x" * 300, "[M
           "Bell\x07 and\x1b escape", "UPPER lower MiXeD 123 ##piece", "tab\there", "\x7f del", "", "  ", "don't-stop!?"]
 
 
-def test_token_ids_equal_hugging_face(bert_tokenizer):
-    assert _ascii_fast_path(bert_tokenizer) is not None  # the fast path is really exercised below
+@pytest.mark.parametrize("backend", ["nanotoken", "tokenizers"])
+def test_token_ids_equal_hugging_face(bert_tokenizer, backend):
+    assert _ascii_fast_path(bert_tokenizer) is not None  # the fallback's fast path is really exercised below
+    enc = Encoder(bert_tokenizer.backend_tokenizer.to_str(), prefer=backend)
+    assert enc.backend == backend
     text = (GUTENBERG / "pg11.txt").read_text(encoding="utf-8")
     sentences = split_sentences(text[:60000]) + TRICKY
-    flat, offsets = encode_sentences(bert_tokenizer, sentences)
+    flat, offsets = encode_sentences(enc, sentences)
+    assert flat.dtype == np.int32 and offsets.dtype == np.int64 and len(offsets) == len(sentences) + 1
     for i, s in enumerate(sentences):
         assert flat[offsets[i]:offsets[i + 1]].tolist() == bert_tokenizer(s, add_special_tokens=False)["input_ids"], s
+
+
+def test_unsupported_tokenizer_falls_back_to_hugging_face(tmp_path):
+    """A BPE tokenizer (not WordPiece): nanotoken refuses it, the encoder says why and uses ``tokenizers``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    bpe = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2, "[UNK]": 3}, merges=[("a", "b")], unk_token="[UNK]"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    enc = Encoder(bpe.to_str())
+    assert enc.backend == "tokenizers" and "nanotoken" in enc.reason
+    flat, offsets = enc.encode(["ab a b", "ba"])
+    assert flat.tolist() == [2, 0, 1, 1, 0] and offsets.tolist() == [0, 3, 5]
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["uncased", "cased"])
@@ -208,6 +225,50 @@ def normalizer_variant(request, bert_tokenizer_path, tmp_path_factory):
 @given(sentences=st.lists(st.lists(st.sampled_from(list("abcXYZ09 .,'-[]#!\t\x07éü東—") + ["[MASK]", "[SEP]", "[mask]", "Hello"]),
                                    max_size=30).map("".join), min_size=1, max_size=20))
 def test_fast_path_ids_equal_the_full_tokenizer(normalizer_variant, sentences):
-    flat, offsets = encode_sentences(normalizer_variant, sentences)
+    for backend in ("nanotoken", "tokenizers"):
+        enc = _encoder(normalizer_variant, backend)
+        flat, offsets = encode_sentences(enc, sentences)
+        for i, s in enumerate(sentences):
+            assert flat[offsets[i]:offsets[i + 1]].tolist() == \
+                normalizer_variant(s, add_special_tokens=False)["input_ids"], (backend, s)
+
+
+_ENCODERS: dict = {}
+
+
+def _encoder(tok, backend: str) -> Encoder:
+    key = (id(tok), backend)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = Encoder(tok.backend_tokenizer.to_str(), prefer=backend)
+    return _ENCODERS[key]
+
+
+# any Unicode text a corpus can hold (valid UTF-8: no surrogates), cased and uncased
+_ANY_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=60)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sentences=st.lists(_ANY_TEXT, min_size=1, max_size=20))
+def test_nanotoken_equals_hugging_face_on_random_unicode(normalizer_variant, sentences):
+    flat, offsets = encode_sentences(_encoder(normalizer_variant, "nanotoken"), sentences)
     for i, s in enumerate(sentences):
-        assert flat[offsets[i]:offsets[i + 1]].tolist() == normalizer_variant(s, add_special_tokens=False)["input_ids"], s
+        assert flat[offsets[i]:offsets[i + 1]].tolist() == \
+            normalizer_variant(s, add_special_tokens=False)["input_ids"], repr(s)
+
+
+def test_workers_load_neither_transformers_nor_torch(bert_tokenizer_path, tmp_path):
+    """The pairs/mask units get a TokenizerInfo made in the flow process; a worker encodes from
+    tokenizer.json alone (a transformers import costs seconds per worker process, torch more)."""
+    import pickle
+    import subprocess
+    import sys
+
+    from distilflow.tasks.prepare.pairs import TokenizerInfo
+
+    (tmp_path / "info.pkl").write_bytes(pickle.dumps(TokenizerInfo.load(str(bert_tokenizer_path))))
+    code = ("import pickle, sys; from distilflow.tasks.prepare.pairs import encoder_for; "
+            f"info = pickle.loads(open({str(tmp_path / 'info.pkl')!r}, 'rb').read()); "
+            "flat, _ = encoder_for(info.path).encode(['Hello world.']); "
+            "print(flat.tolist(), info.vocab.mask_id, 'transformers' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[7592,", "2088,", "1012]", "103", "False", "False"]
