@@ -2,12 +2,18 @@
 
 Every path is a URL understood by fsspec (a local path, ``file://``, ``s3://``, ``memory://`` ...).
 Writes are atomic: locally we write ``.name.tmp-<pid>`` in the destination folder and ``os.replace``
-it; object stores (s3, gcs, ...) publish an object only when its upload completes, so a direct write
-is already all-or-nothing there.
+it; object stores (s3, gcs, ...) publish an object only when its upload completes, so writes stream
+straight to the object (multipart, one block of memory, never the whole object) and an upload that
+fails or is interrupted is aborted -- nothing half-written ever becomes visible. Other fsspec stores
+write a temp object beside the target and move it into place.
+
+A bucket that does not exist or denies access is reported as one :class:`InputError` line naming the
+URL (:func:`storage_error`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -150,11 +156,99 @@ def atomic_open(url: str, mode: str = "wb") -> Iterator[IO[Any]]:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     else:
-        # Object stores: the object becomes visible only when the upload is committed on close.
-        buf = io.BytesIO() if "b" in mode else io.StringIO()
-        yield buf
-        data = buf.getvalue()
-        fs.pipe_file(path, data.encode() if isinstance(data, str) else data)
+        with remote_errors(url):
+            yield from _remote_atomic_write(fs, path, mode)
+
+
+# Part size of streaming uploads: memory per open writer, and 10,000 parts x 16 MiB = 156 GiB per object.
+UPLOAD_BLOCK = 16 << 20
+
+
+# Stores that publish an object only when its upload completes and whose file objects abort on discard().
+_STREAMING_PROTOCOLS = {"s3", "s3a", "gs", "gcs"}
+
+
+def _remote_atomic_write(fs: fsspec.AbstractFileSystem, path: str, mode: str) -> Iterator[IO[Any]]:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    if protocols & _STREAMING_PROTOCOLS:
+        # parts go up as they fill (one block in memory); close() completes the upload, discard() aborts it
+        target, final = fs.open(path, "wb", block_size=UPLOAD_BLOCK), None
+    else:  # any other store: a temp object beside the target, moved into place when complete
+        folder, name = posixpath.split(path)
+        final = path
+        target = fs.open(posixpath.join(folder, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"), "wb")
+    text = io.TextIOWrapper(target, encoding="utf-8", newline="") if "b" not in mode else None
+    ok = False
+    try:
+        yield text if text is not None else target
+        if text is not None:
+            text.flush()
+            text.detach()
+        target.close()  # completes the upload
+        ok = True
+        if final is not None:
+            fs.mv(target.path, final)
+    finally:
+        if not ok:
+            _abandon(fs, target, text, temp=final is not None)
+
+
+def _abandon(fs: fsspec.AbstractFileSystem, f: Any, text: io.TextIOWrapper | None, temp: bool) -> None:
+    """Drop a failed upload: abort a multipart upload; never let what was written become the target."""
+    with contextlib.suppress(Exception):
+        if text is not None:
+            text.detach()
+    if temp:  # a temp object: it may be committed on close, then it is removed
+        with contextlib.suppress(Exception):
+            f.close()
+        with contextlib.suppress(Exception):
+            fs.rm(f.path)
+        return
+    with contextlib.suppress(Exception):
+        f.discard()  # s3fs: AbortMultipartUpload and drop the buffer
+    with contextlib.suppress(Exception):
+        f.closed = True  # garbage collection must not close (= complete) it later
+
+
+def storage_error(url: str, exc: BaseException) -> InputError | None:
+    """One line for the storage errors a user fixes (bucket missing, access denied, no credentials),
+    naming ``url``; None for anything else (a bug or a transient failure keeps its traceback)."""
+    text = " ".join(str(exc).split())
+    low = text.lower()
+    if "nosuchbucket" in low or "bucket does not exist" in low or "specified bucket does not exist" in low:
+        return InputError(f"{url}: the bucket does not exist; create it or fix the URL")
+    if isinstance(exc, PermissionError) or "accessdenied" in low or "access denied" in low or "forbidden" in low:
+        return InputError(f"{url}: access denied; check the credentials (AWS_ACCESS_KEY_ID/AWS_PROFILE ...) "
+                          "and the bucket policy")
+    if "nocredentials" in low.replace(" ", "") or "unable to locate credentials" in low:
+        return InputError(f"{url}: no credentials found; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or "
+                          "AWS_PROFILE")
+    if isinstance(exc, FileNotFoundError) and _bucket_missing(url):
+        return InputError(f"{url}: the bucket does not exist; create it or fix the URL")
+    return None
+
+
+def _bucket_missing(url: str) -> bool:
+    try:
+        fs, path = url_to_fs(url)
+        bucket = path.split("/", 1)[0]
+        return bool(bucket) and not fs.exists(bucket)
+    except Exception:
+        return False
+
+
+@contextmanager
+def remote_errors(url: str) -> Iterator[None]:
+    """Turn storage errors a user can fix into one :class:`InputError` line naming ``url``."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (OSError, ValueError) as e:
+        err = storage_error(url, e)
+        if err is None:
+            raise
+        raise err from e
 
 
 def write_bytes(url: str, data: bytes) -> None:

@@ -139,6 +139,8 @@ def probe_storage(url: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         io.write_bytes(key, payload)
+    except io.InputError as e:  # bucket missing / access denied: name the URL the user gave
+        raise io.InputError(str(e).replace(key, url)) from e
     except PermissionError as e:
         raise io.InputError(f"{url}: cannot write (permission denied: {e}); check credentials/ACLs") from e
     except FileNotFoundError as e:

@@ -148,3 +148,102 @@ def test_unauthorised_bucket_fails_fast_naming_the_url(tmp_path, monkeypatch, pr
         assert "s3://locked-bucket/landing" in str(err.value) and "permission denied" in str(err.value).lower()
         assert not (tmp_path / "out" / "corpus").exists()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+# ------------------------------------------------------------------ storage foundations (issue 15)
+
+
+def _error_line(stderr: str, command: str) -> str:
+    """The CLI's error: exactly one line (Prefect's own log lines may precede it)."""
+    lines = [line for line in stderr.splitlines() if line.startswith(f"distilflow {command}:")]
+    assert len(lines) == 1, stderr
+    assert stderr.rstrip().splitlines()[-1:] == lines, "nothing (no traceback) after the error line"
+    return lines[0]
+
+
+def _pending_uploads(fs, bucket: str) -> list[dict]:
+    return fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
+
+
+def test_remote_writes_stream_in_parts_and_abort_on_failure(s3_env, monkeypatch):
+    from distilflow.tasks.core import io
+
+    fs = s3_env
+    monkeypatch.setattr(io, "UPLOAD_BLOCK", 5 << 20)  # S3's smallest part
+    chunk = os.urandom(1 << 20)
+    url = "s3://distilflow/stream/big.bin"
+    with io.atomic_open(url, "wb") as f:
+        for _ in range(12):
+            f.write(chunk)
+        # parts are already uploaded while writing (bounded memory), but nothing is visible yet
+        assert len(_pending_uploads(fs, "distilflow")) == 1 and len(f.parts) >= 1
+        assert len(f.buffer.getbuffer()) < 6 << 20, "the writer holds about one part, not the object"
+        assert not fs.exists("distilflow/stream/big.bin")
+    fs.invalidate_cache()
+    assert fs.size("distilflow/stream/big.bin") == 12 << 20
+    assert fs.cat_file("distilflow/stream/big.bin", start=0, end=1 << 20) == chunk
+    assert _pending_uploads(fs, "distilflow") == []
+
+    with pytest.raises(RuntimeError, match="killed"), io.atomic_open("s3://distilflow/stream/half.bin", "wb") as f:
+        for _ in range(7):
+            f.write(chunk)
+        raise RuntimeError("killed mid-upload")
+    fs.invalidate_cache()
+    assert not fs.exists("distilflow/stream/half.bin")
+    assert _pending_uploads(fs, "distilflow") == [], "the multipart upload must be aborted"
+
+
+def test_missing_bucket_is_one_line_naming_the_url(s3_env, tmp_path, capsys):
+    from distilflow.cli import main
+    from distilflow.tasks.core import io, remote
+
+    url = "s3://no-such-bucket/run"
+    with pytest.raises(InputError, match=r"^s3://no-such-bucket/run/x.json: the bucket does not exist"):
+        io.write_json(url + "/x.json", {})
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(InputError, match=r"^s3://no-such-bucket/run/config.json: the bucket does not exist"):
+        remote.upload_folder(tmp_path / "model", url)
+    with pytest.raises(InputError, match=r"^s3://no-such-bucket/run: no such file or folder"):
+        remote.local_copy(url)
+    assert main(["doctor", "--storage", url]) == 2
+    err = _error_line(capsys.readouterr().err, "doctor")
+    assert err == ("distilflow doctor: error: s3://no-such-bucket/run: the bucket does not exist; create "
+                           "it or fix the URL"), err
+
+
+def test_denied_bucket_is_one_line_naming_the_url(tmp_path, monkeypatch, capsys):
+    import s3fs
+
+    from distilflow.cli import main
+
+    for endpoint in _moto(tmp_path, auth=True):
+        _use_endpoint(monkeypatch, endpoint, "not-a-known-key", "wrong")
+        assert main(["doctor", "--storage", "s3://locked-bucket/data"]) == 2
+        err = _error_line(capsys.readouterr().err, "doctor")
+        assert err.startswith("distilflow doctor: error: s3://locked-bucket/data: "), err
+        assert "access denied" in err or "does not exist" in err, err
+        s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_model_folder_through_the_bucket(s3_env, tmp_path, monkeypatch, bert_tokenizer_path):
+    """A model saved locally, uploaded, then loaded on a 'clean machine' (empty cache) from s3:// -- the
+    path every job that reads a model takes (local_copy) -- gives the same weights."""
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    from distilflow.tasks.core import remote
+    from tests.infer.test_fill_mask import save_tiny_mlm
+
+    model_dir = Path(save_tiny_mlm(tmp_path / "model", "distilbert", bert_tokenizer_path))
+    manifest = remote.upload_folder(model_dir, "s3://distilflow/models/student")
+    assert "model.safetensors" in manifest
+    assert not list(s3_env.find("distilflow/models/student", withdirs=False, prefix=".tmp"))
+
+    monkeypatch.setenv("DISTILFLOW_CACHE", str(tmp_path / "clean-cache"))
+    local = remote.local_copy("s3://distilflow/models/student")
+    assert local.startswith(str(tmp_path / "clean-cache"))
+    got = AutoModelForMaskedLM.from_pretrained(local)
+    want = AutoModelForMaskedLM.from_pretrained(model_dir)
+    for (n, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
