@@ -27,7 +27,7 @@ from distilflow.tasks.core.config import Config, require
 from distilflow.tasks.core.io import file_size, join, open_input, release_memory, write_parquet
 from distilflow.tasks.core.readers import BadRecord, detect_format, iter_lines, iter_records
 from distilflow.tasks.core.stage import StageDir
-from distilflow.tasks.prepare.sentences import normalize_whitespace, split_sentences
+from distilflow.tasks.prepare.sentences import SPLITTER_VERSION, normalize_whitespace, split_sentences
 
 CORPUS_SCHEMA = pa.schema(
     [
@@ -46,6 +46,9 @@ class ShardConfig(Config):
     max_line_bytes: int = 1 << 20  # longer lines are quarantined, never held in memory
     max_doc_bytes: int = 4 << 20  # a longer document is cut into several (counted)
     part_bytes: int = 16 << 20  # text per output part: bounds memory of this and the next stage
+    # The sentence splitter's rules (2: abbreviations matched with their case). Part of the fingerprint:
+    # a corpus split by another version is refused on resume instead of mixing parts of both.
+    splitter_version: int = SPLITTER_VERSION
 
     def check(self) -> None:
         n = type(self).__name__
@@ -53,6 +56,8 @@ class ShardConfig(Config):
         require(self.max_line_bytes >= 1024, n, "max_line_bytes", f"must be >= 1024, got {self.max_line_bytes}")
         require(self.max_doc_bytes >= 1024, n, "max_doc_bytes", f"must be >= 1024, got {self.max_doc_bytes}")
         require(self.part_bytes >= 1024, n, "part_bytes", f"must be >= 1024, got {self.part_bytes}")
+        require(self.splitter_version == SPLITTER_VERSION, n, "splitter_version",
+                f"this version of distilflow splits sentences with rules {SPLITTER_VERSION}, not {self.splitter_version}")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,16 @@ from distilflow.tasks.prepare.sentences import split_sentences
         ("no final punctuation", ["no final punctuation"]),
         ("  \r\n ", []),
         ("A line\r\nwrapped here. Next one.", ["A line wrapped here.", "Next one."]),
+        # version 2: abbreviations keep their case, so these ordinary words end sentences (issue 13)
+        ("I said no. Then I left.", ["I said no.", "Then I left."]),
+        ("She sat. He stood.", ["She sat.", "He stood."]),
+        ("They watched the sun. Then it set.", ["They watched the sun.", "Then it set."]),
+        ("It was I. Then he came.", ["It was I.", "Then he came."]),
+        # ... and the abbreviations still do not
+        ("See No. 5 on the list. It is red.", ["See No. 5 on the list.", "It is red."]),
+        ("Dr. Watson met MR. HOLMES. They talked.", ["Dr. Watson met MR. HOLMES.", "They talked."]),
+        ("On Sat. Nov. 3 we met. E.g. this. Fine.", ["On Sat. Nov. 3 we met.", "E.g. this.", "Fine."]),
+        ("The U.S. Army came. Vol. 2 is here.", ["The U.S. Army came.", "Vol. 2 is here."]),
     ],
 )
 def test_split_sentences(text, expected):
