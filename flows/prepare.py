@@ -73,10 +73,21 @@ def _run(plan: job.StagePlan, unit_task: Any, title: str) -> None:
     wait_with_progress(futures, title, sizes=[plan.sizes.get(k, 0.0) for k in pending], unit=plan.unit)
 
 
-def _publish(name: str, manifest: dict[str, Any], t0: float) -> dict[str, Any]:
+def _stage(cfg: Any, name: str) -> dict[str, Any]:
+    """One stage: plan (tasks/prepare/job.py), one task per pending unit, manifest + dataset card, report."""
+    t0 = time.perf_counter()
+    plan_fn, unit_task, title = {"corpus": (job.plan_shard, shard_task, "shard"),
+                                 "pairs": (job.plan_pairs, pairs_task, "pairs"),
+                                 "masked": (job.plan_mask, mask_task, "mask")}[name]
+    plan = plan_fn(cfg, cfg.overwrite)
+    if name == "pairs":
+        backend, why_not = job.tokenizer_backend(plan.tokenizer)
+        get_run_logger().info("pairs: tokenizing with %s%s", backend, f" ({why_not})" if why_not else "")
+    _run(plan, unit_task, title)
+    manifest = job.finish_stage(plan)
     rows = job.stage_report(name, manifest, time.perf_counter() - t0)
     publish(f"## {name}\n\n" + markdown_table(rows, ["metric", "value"]), key=f"distilflow-{name}",
-            description=f"{name} in {manifest.get('stage', name)}")
+            description=f"{name} of {cfg.output}")
     for reason, n in manifest["skipped"].items():
         get_run_logger().warning("%s: skipped %s x %d (details in %s)", name, reason, n, manifest["error_files"])
     return manifest
@@ -84,28 +95,17 @@ def _publish(name: str, manifest: dict[str, Any], t0: float) -> dict[str, Any]:
 
 def run_shard_stage(cfg: ShardJobConfig | PrepareConfig) -> dict[str, Any]:
     """Input files -> ``output/corpus/part-*.parquet`` (doc_id, source, sentences)."""
-    t0 = time.perf_counter()
-    plan = job.plan_shard(cfg, cfg.overwrite)
-    _run(plan, shard_task, "shard")
-    return _publish("corpus", job.finish_stage(plan), t0)
+    return _stage(cfg, "corpus")
 
 
 def run_pairs_stage(cfg: PairsJobConfig | PrepareConfig) -> dict[str, Any]:
     """``output/corpus`` -> ``output/pairs/part-*.parquet`` (NSP pairs or single segments) + token counts."""
-    t0 = time.perf_counter()
-    plan = job.plan_pairs(cfg, cfg.overwrite)
-    backend, why_not = job.tokenizer_backend(plan.tokenizer)
-    get_run_logger().info("pairs: tokenizing with %s%s", backend, f" ({why_not})" if why_not else "")
-    _run(plan, pairs_task, "pairs")
-    return _publish("pairs", job.finish_stage(plan), t0)
+    return _stage(cfg, "pairs")
 
 
 def run_mask_stage(cfg: MaskJobConfig | PrepareConfig) -> dict[str, Any]:
     """``output/pairs`` -> ``output/masked/part-*.parquet`` with ``labels`` (static masking)."""
-    t0 = time.perf_counter()
-    plan = job.plan_mask(cfg, cfg.overwrite)
-    _run(plan, mask_task, "mask")
-    return _publish("masked", job.finish_stage(plan), t0)
+    return _stage(cfg, "masked")
 
 
 def _prepare_stages(cfg: PrepareConfig) -> dict[str, Any]:
@@ -156,31 +156,18 @@ def mask_flow(cfg: MaskJobConfig) -> dict[str, Any]:
     return _in_subflow(run_mask_stage, "mask-stage", cfg)
 
 
-# -- command line (``CommandSpec.run``) ---------------------------------------------------------------------
-def run_prepare(cfg: PrepareConfig) -> int:
-    job.preflight(cfg)
-    r = prepare_flow(**cfg.to_dict())
-    print(f"prepared {r['input_mb']:.1f} MB -> {r['corpus']} documents, {r['pairs']} sequences, {r['tokens']:,} tokens "
-          f"in {r['seconds']:.1f} s; datasets in {cfg.output}/{{corpus,pairs,masked}} (described in {cfg.output}/README.md)")
-    return 0
+# -- command line (``CommandSpec.run``): run the flow, print its one result line ------------------------------
+def _command(flow: Any, name: str) -> Any:
+    def run(cfg: Any) -> int:
+        job.preflight(cfg)
+        print(job.result_line(name, flow(**cfg.to_dict()), cfg.output))
+        return 0
+
+    run.__name__ = f"run_{name}"
+    return run
 
 
-def run_shard(cfg: ShardJobConfig) -> int:
-    job.preflight(cfg)
-    m = shard_flow(**cfg.to_dict())
-    print(f"{m['rows']} documents in {len(m['files'])} parts; skipped {m['skipped']}")
-    return 0
-
-
-def run_pairs(cfg: PairsJobConfig) -> int:
-    job.preflight(cfg)
-    m = pairs_flow(**cfg.to_dict())
-    print(f"{m['rows']} sequences, {m['tokens']:,} tokens in {len(m['files'])} parts")
-    return 0
-
-
-def run_mask(cfg: MaskJobConfig) -> int:
-    m = mask_flow(**cfg.to_dict())
-    print(f"{m['rows']} masked sequences in {len(m['files'])} parts")
-    return 0
-
+run_prepare = _command(prepare_flow, "prepare")
+run_shard = _command(shard_flow, "shard")
+run_pairs = _command(pairs_flow, "pairs")
+run_mask = _command(mask_flow, "mask")

@@ -240,6 +240,21 @@ def prepare_summary(output: str, manifests: dict[str, dict[str, Any]], seconds: 
     return result, rows, headline
 
 
+def result_line(command: str, result: dict[str, Any], output: str) -> str:
+    """The one line a command prints when it is done."""
+    if command == "prepare":
+        r = result
+        return (f"prepared {r['input_mb']:.1f} MB -> {r['corpus']} documents, {r['pairs']} sequences, "
+                f"{r['tokens']:,} tokens in {r['seconds']:.1f} s; datasets in {output}/{{corpus,pairs,masked}} "
+                f"(described in {output}/README.md)")
+    m = result
+    if command == "shard":
+        return f"{m['rows']} documents in {len(m['files'])} parts; skipped {m['skipped']}"
+    if command == "pairs":
+        return f"{m['rows']} sequences, {m['tokens']:,} tokens in {len(m['files'])} parts"
+    return f"{m['rows']} masked sequences in {len(m['files'])} parts"
+
+
 # -- without Prefect ---------------------------------------------------------------------------------------
 def run_local(cfg: Any) -> dict[str, dict[str, Any]]:
     """All stages of ``cfg`` (a PrepareConfig) in this process, without Prefect: the same units, records and
