@@ -47,10 +47,23 @@ def check_model_folder(path: str) -> None:
         raise InputError(f"{path}: no model weights (model.safetensors) in the folder")
 
 
+def local_model(path: str) -> str:
+    """A local folder for a model/tokenizer ``path``: ``s3://`` (any fsspec URL) folders are fetched into
+    the verified local cache (:func:`distilflow.tasks.core.remote.local_copy`); local paths and hub ids
+    are returned unchanged. Jobs call it once and pass the result to every ``from_pretrained``."""
+    if "://" not in path or path.startswith("file://"):
+        return path
+    from distilflow.tasks.core.remote import local_copy
+
+    return local_copy(path)
+
+
 def load_pretrained(cls: Any, path: str, **kwargs: Any) -> Any:
     """``cls.from_pretrained(path, use_safetensors=True, **kwargs)`` under the process-wide loading lock.
 
-    Local folders are checked first (:func:`check_model_folder`); pickle weights are never read."""
+    ``s3://`` folders load through the local cache (:func:`local_model`). Local folders are checked
+    first (:func:`check_model_folder`); pickle weights are never read."""
+    path = local_model(path)
     hub = _is_hub_id(path)
     if not hub:
         check_model_folder(path)

@@ -161,3 +161,13 @@ def test_other_errors_keep_their_traceback():
     assert io.storage_error("s3://b/run", OSError("connection reset by peer")) is None
     with pytest.raises(OSError, match="reset"), io.remote_errors("s3://b/run"):
         raise OSError("connection reset by peer")
+
+
+def test_local_model_maps_urls_to_the_cache_and_leaves_paths(bucket, tmp_path):
+    from distilflow.tasks.core.hf import local_model
+
+    src = _folder(tmp_path / "m", {"config.json": b"{}"})
+    remote.upload_folder(src, io.join(bucket, "m"))
+    assert local_model(io.join(bucket, "m")) == str(remote.cache_dir_for(io.join(bucket, "m")))
+    assert local_model(str(src)) == str(src)
+    assert local_model("bert-base-uncased") == "bert-base-uncased"
