@@ -137,7 +137,7 @@ def local_copy(url: str, cache: str | os.PathLike[str] | None = None) -> str:
                                 f"(first: {missing[0]}); upload the folder again")
         wanted = {rel: info for rel, info in listing.items() if rel != MANIFEST}
         for rel, info in sorted(wanted.items()):
-            expected = manifest[rel]["sha256"] if manifest and rel in manifest else None
+            expected = _expected_sha(manifest, rel, info)
             meta[rel] = _sync_file(io.join(url, rel), dest, rel, info, expected, meta.get(rel))
         for rel in sorted(set(meta) - set(wanted)):  # gone from the bucket: gone from the copy
             with contextlib.suppress(FileNotFoundError):
@@ -145,6 +145,16 @@ def local_copy(url: str, cache: str | os.PathLike[str] | None = None) -> str:
             meta.pop(rel)
         _write_cache_meta(dest, meta)
     return str(dest)
+
+
+def _expected_sha(manifest: dict[str, dict[str, Any]] | None, rel: str, info: dict[str, Any]) -> str | None:
+    """The sha256 ``rel`` must have: the manifest's, unless the object was replaced after the manifest
+    was written (its etag differs: an upload_folder that was interrupted before writing the new
+    manifest), in which case the listing's size is what is checked."""
+    entry = (manifest or {}).get(rel)
+    if entry is None or ("etag" in entry and entry["etag"] != info["etag"]):
+        return None
+    return str(entry["sha256"])
 
 
 def _sync_file(src: str, dest: Path, rel: str, info: dict[str, Any], expected_sha: str | None,
@@ -230,13 +240,22 @@ def upload_folder(path: str | os.PathLike[str], url: str, only: str = "") -> dic
         if old is not None and digest == old["sha256"] and io.exists(io.join(url, rel)):
             manifest[rel] = old
             continue
-        manifest[rel] = {"size": size, "sha256": upload_file(p, io.join(url, rel))}
+        target = io.join(url, rel)
+        manifest[rel] = {"size": size, "sha256": upload_file(p, target), "etag": _etag_of(target)}
+    # The manifest goes up before anything is deleted: killed at any point, the bucket holds a manifest
+    # whose files all exist (files it does not list yet are fetched by size; see local_copy).
+    io.write_json(io.join(url, MANIFEST), {"files": manifest, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                      time.gmtime())})
     for rel in sorted(set(previous) - set(manifest)):  # deleted locally (e.g. an old checkpoint)
         with io.remote_errors(url):
             io.remove(io.join(url, rel))
-    io.write_json(io.join(url, MANIFEST), {"files": manifest, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                      time.gmtime())})
     return manifest
+
+
+def _etag_of(url: str) -> str:
+    fs, path = url_to_fs(url)
+    fs.invalidate_cache(path)
+    return _etag(fs.info(path))
 
 
 def _hidden(rel: str) -> bool:

@@ -121,8 +121,8 @@ def test_prepare_then_fill_mask_fully_on_s3(s3_env, prefect_test_harness_session
         rows.append({"id": len(rows), "text": " ".join(words)})
     fs.pipe("distilflow/inbox/batch-0001.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
     model = save_tiny_mlm(tmp_path / "model", "distilbert", bert_tokenizer_path)
-    manifest = fill_mask_flow("s3://distilflow/inbox/batch-0001.jsonl", "s3://distilflow/predictions", model,
-                              top_k=3, keep_columns=["id"])
+    manifest = fill_mask_flow(input="s3://distilflow/inbox/batch-0001.jsonl", output="s3://distilflow/predictions",
+                              model=model, top_k=3, keep_columns=["id"])
     assert manifest["rows"] == 3 * len(rows), manifest  # top_k=3 predictions per input row, one row each
     outputs = [p for p in fs.find("distilflow/predictions") if p.endswith(".parquet")]
     assert outputs, fs.find("distilflow/predictions")
@@ -233,6 +233,7 @@ def test_model_folder_through_the_bucket(s3_env, tmp_path, monkeypatch, bert_tok
     from transformers import AutoModelForMaskedLM
 
     from distilflow.tasks.core import remote
+    from distilflow.tasks.core.hf import load_pretrained, local_model
     from tests.infer.test_fill_mask import save_tiny_mlm
 
     model_dir = Path(save_tiny_mlm(tmp_path / "model", "distilbert", bert_tokenizer_path))
@@ -243,7 +244,64 @@ def test_model_folder_through_the_bucket(s3_env, tmp_path, monkeypatch, bert_tok
     monkeypatch.setenv("DISTILFLOW_CACHE", str(tmp_path / "clean-cache"))
     local = remote.local_copy("s3://distilflow/models/student")
     assert local.startswith(str(tmp_path / "clean-cache"))
-    got = AutoModelForMaskedLM.from_pretrained(local)
     want = AutoModelForMaskedLM.from_pretrained(model_dir)
-    for (n, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
-        assert torch.equal(a, b), n
+    # the jobs' loader takes the URL itself (through the same cache)
+    for got in (AutoModelForMaskedLM.from_pretrained(local),
+                load_pretrained(AutoModelForMaskedLM, "s3://distilflow/models/student")):
+        for (n, a), (_, b) in zip(got.state_dict().items(), want.state_dict().items(), strict=True):
+            assert torch.equal(a, b), n
+    assert local_model("s3://distilflow/models/student") == local
+
+
+_PUSHER = """
+import os, sys, time
+from pathlib import Path
+from distilflow.tasks.core import remote
+url, work = sys.argv[1], Path(sys.argv[2])
+with remote.staged_output(url, work_dir=work) as stage:
+    for step in range(1, 1000):
+        ckpt = stage.local / "checkpoints" / f"step-{step:04d}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.safetensors").write_bytes(os.urandom(3 << 20))
+        (ckpt / "optimizer.pt").write_bytes(os.urandom(1 << 20))
+        for old in sorted((stage.local / "checkpoints").iterdir())[:-2]:  # keep_checkpoints=2
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+        stage.push("checkpoints")
+        print(step, flush=True)
+"""
+
+
+def test_killed_job_resumes_from_the_bucket_on_a_clean_disk(s3_env, tmp_path):
+    """A job pushing checkpoints is SIGKILLed mid-upload; on a machine without its disk, the checkpoints
+    pulled from the bucket are complete and verified (sha256), whatever moment the kill hit."""
+    import signal
+    import sys
+
+    from distilflow.tasks.core import remote
+
+    url = "s3://distilflow/runs/kill"
+    proc = subprocess.Popen([sys.executable, "-c", _PUSHER, url, str(tmp_path / "machine-1")],
+                            stdout=subprocess.PIPE, text=True, env=dict(os.environ))
+    try:
+        steps = [int(proc.stdout.readline()) for _ in range(3)]
+        time.sleep(0.3)  # somewhere inside the next push
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert steps == [1, 2, 3]
+    s3_env.invalidate_cache()
+    manifest = remote.read_manifest(url)
+    listed = sorted({rel.split("/")[1] for rel in manifest})
+    assert len(listed) == 2 and listed[-1] >= "step-0003", listed
+
+    clean = remote.Staged(url, tmp_path / "machine-2")
+    assert clean.pull("checkpoints")
+    latest = sorted((clean.local / "checkpoints").iterdir())[-1]
+    assert latest.name >= listed[-1]
+    for rel, entry in manifest.items():
+        assert remote.sha256_file(clean.local / rel) == entry["sha256"], rel
+    assert not [p for p in (clean.local).rglob("*") if ".part-" in p.name or ".tmp-" in p.name]
