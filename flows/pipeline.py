@@ -27,6 +27,7 @@ from distilflow.tasks.core.io import join, write_json
 from distilflow.tasks.pipeline import plan
 from distilflow.tasks.pipeline.config import PRESETS, PipelineConfig
 from distilflow.tasks.pipeline.fill_mask import fill_mask_accuracy, mask_queries
+from distilflow.tasks.pipeline.replicate import write_replication
 from distilflow.tasks.pipeline.report import pipeline_report
 from distilflow.tasks.pipeline.stages import run_stage
 
@@ -91,7 +92,8 @@ def pipeline_flow(cfg: PipelineConfig) -> dict[str, Any]:
                                   outputs=(student,), log=log)
 
     tasks, eval_out = plan.eval_tasks(cfg), join(out, "eval")
-    ev = {"teacher": teacher, "data": held, "glue_dir": cfg.glue_dir, "squad_dev": cfg.squad_dev, "seed": seed}
+    ev = {"teacher": teacher, "data": held, "glue_dir": cfg.glue_dir, "squad_dev": cfg.squad_dev, "seed": seed,
+          **plan.eval_settings(cfg)}
     stages["evaluate"] = run_stage(out, "evaluate", {"model": student, "tasks": tasks, **ev}, evaluate_flow,
                                    model=student, tasks=tasks, output=eval_out, **ev,
                                    after=(stages["distill"], *prepared), outputs=(eval_out,), log=log)
@@ -109,6 +111,14 @@ def pipeline_flow(cfg: PipelineConfig) -> dict[str, Any]:
                                                        "rows": cfg.p("fill_mask_rows")}, fill_mask_stage,
                                     after=(stages["distill"], stages["prepare-heldout"]),
                                     outputs=(join(out, "fill-mask"),), log=log)
+
+    if cfg.p("replication") and cfg.glue_dir:  # the replication recipe's report of record
+        stages["replication"] = run_stage(
+            out, "replication", {"teacher": teacher, "student": student, "speed_batch": cfg.p("speed_batch")},
+            write_replication, out, eval_out, teacher, student, cfg.glue_dir, preset=cfg.preset,
+            speed_batch=cfg.p("speed_batch"), speed_rows=cfg.p("speed_rows", 872), command=plan.command_line(cfg),
+            stage_seconds={k: r["seconds"] for k, r in stages.items()}, estimate=cfg.p("estimate_seconds"),
+            after=(stages["evaluate"],), log=log)
 
     total = time.perf_counter() - t_start
     report = pipeline_report(cfg.preset, corpus.name, stages, out, total)

@@ -25,13 +25,40 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": {"max_seq_len": 512, "vocab_size": 30000, "teacher_config": "base", "pretrain_steps": 100000,
              "distill_steps": 100000, "batch_size": 32, "pretrain_lr": 1e-4, "distill_lr": 5e-4,
              "eval_sequences": 20000, "fill_mask_rows": 5000},
+    # replicate: DistilBERT's claims at the scale of 2 CPU cores in <= 2 h (docs/replication.md; the sizes and
+    # steps come from measured short runs, scripts/replicate_estimate.py). A corpus vocabulary of 8k keeps the
+    # embeddings small beside the layers, so halving the layers removes >= 30% of the parameters.
+    "replicate": {"max_seq_len": 128, "vocab_size": 8192, "teacher_config": "replicate", "pretrain_steps": 2000,
+                  "distill_steps": 1500, "batch_size": 32, "pretrain_lr": 5e-4, "distill_lr": 5e-4,
+                  "eval_sequences": 2000, "fill_mask_rows": 1000, **{
+                      "glue_tasks": ("sst2", "mrpc"), "eval_seeds": 3, "task_distill": True, "scratch_baselines": True,
+                      "finetune": {"lr": 1e-4, "epochs": 3.0, "batch_size": 32, "max_seq_len": 128},
+                      "replication": True, "speed_batch": 32}},
+    # replicate-tiny: the same recipe at toy sizes (tests, CI): every stage and both report files in minutes
+    "replicate-tiny": {"max_seq_len": 64, "vocab_size": 1000, "teacher_config": "replicate-tiny", "pretrain_steps": 20,
+                       "distill_steps": 20, "batch_size": 8, "pretrain_lr": 1e-3, "distill_lr": 1e-3,
+                       "eval_sequences": 64, "fill_mask_rows": 20, **{
+                           "glue_tasks": ("sst2", "mrpc"), "eval_seeds": 3, "task_distill": True,
+                           "scratch_baselines": True,
+                           "finetune": {"lr": 1e-3, "epochs": 1.0, "batch_size": 8, "max_seq_len": 64,
+                                        "max_train_examples": 32, "max_eval_examples": 32},
+                           "replication": True, "speed_batch": 8}},
 }
-PresetName = Literal["debug", "small", "base"]
+PresetName = Literal["debug", "small", "base", "replicate", "replicate-tiny"]
 
 # The debug teacher: 2 layers x 128 (smaller than the `tiny`..`base` presets of the training job would allow
 # for a few-minute CPU demo while still learning the demo corpus).
 DEBUG_TEACHER = {"model_type": "bert", "hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
                  "intermediate_size": 512, "max_position_embeddings": 128}
+# Teacher sizes written by the pipeline itself (the other names are the training job's presets).
+TEACHERS: dict[str, dict[str, Any]] = {
+    "debug": DEBUG_TEACHER,
+    # 6 x 256 (4 heads, FFN 1024): the student keeps 3 of its layers
+    "replicate": {"model_type": "bert", "hidden_size": 256, "num_hidden_layers": 6, "num_attention_heads": 4,
+                  "intermediate_size": 1024, "max_position_embeddings": 128},
+    "replicate-tiny": {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "intermediate_size": 64, "max_position_embeddings": 64},
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +76,9 @@ class PipelineConfig(Config):
                          "lower-case and strip accents, as bert-base-uncased)", false_flags=("--uncased",))
     teacher: str | None = option(None, "a BERT model folder (default: pretrain one)")
     teacher_config: str = option("", "teacher size when pretraining: tiny|mini|base|PATH (default: the preset's)")
-    preset: PresetName = option("debug", "debug (minutes on a CPU), small (real text, CPU), base (GPU)")
+    preset: PresetName = option("debug", "debug (minutes on a CPU), small (real text, CPU), base (GPU), replicate "
+                                "(DistilBERT's claims on 2 CPU cores, docs/replication.md), replicate-tiny (the "
+                                "same at toy sizes)")
     glue_dir: str | None = option(None, "GLUE data folder (e.g. ../shared/data/glue) to fine-tune on")
     glue_tasks: tuple[str, ...] = option((), "comma list, e.g. sst2,mrpc (ignored without --glue-dir)", sep=",",
                                          metavar="TASK,...")
@@ -63,10 +92,11 @@ class PipelineConfig(Config):
         require("://" not in self.output, n, "output", "must be a local folder")
         require(not (self.heldout and not self.inputs), n, "heldout", "needs --input as well")
 
-    def p(self, key: str) -> Any:
-        """A preset value, unless overridden by a non-empty field of the same name."""
+    def p(self, key: str, default: Any = None) -> Any:
+        """A preset value, unless overridden by a non-empty field of the same name (``default``: presets
+        without that key)."""
         own = getattr(self, key, None)
-        return own if own else PRESETS[self.preset][key]
+        return own if own else PRESETS[self.preset].get(key, default)
 
 
 PIPELINE = CommandSpec(

@@ -3,13 +3,16 @@ that fail fast. Plain functions of :class:`PipelineConfig` (no Prefect, no torch
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shlex
 from dataclasses import dataclass
 from typing import Any
 
+from distilflow.tasks.core.config import flag_of
 from distilflow.tasks.core.errors import InputError
 from distilflow.tasks.core.io import expand_inputs, join, write_json
-from distilflow.tasks.pipeline.config import DEBUG_TEACHER, PipelineConfig
+from distilflow.tasks.pipeline.config import TEACHERS, PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -50,14 +53,15 @@ def split_corpus(cfg: PipelineConfig) -> Corpus:
 
 
 def teacher_model_spec(cfg: PipelineConfig, tokenizer: str) -> str:
-    """The ``--config`` of pretraining: a preset name, a .json path, or (debug) a config written here."""
+    """The ``--config`` of pretraining: a training preset name, a .json path, or (the pipeline's own sizes:
+    debug, replicate) a config written here with the tokenizer's vocabulary size."""
     spec = cfg.p("teacher_config")
-    if spec != "debug":
+    if spec not in TEACHERS:
         return spec
     from transformers import AutoTokenizer
 
     path = join(cfg.output, "teacher-config.json")
-    write_json(path, {**DEBUG_TEACHER, "vocab_size": len(AutoTokenizer.from_pretrained(tokenizer))})
+    write_json(path, {**TEACHERS[spec], "vocab_size": len(AutoTokenizer.from_pretrained(tokenizer))})
     return path
 
 
@@ -73,5 +77,37 @@ def train_settings(cfg: PipelineConfig, heldout: str, mode: str) -> dict[str, An
 
 
 def eval_tasks(cfg: PipelineConfig) -> list[str]:
-    """The evaluate stage's benchmarks: held-out MLM and the bias probe, plus GLUE/SQuAD when data is given."""
-    return ["mlm", "bias"] + list(cfg.glue_tasks if cfg.glue_dir else ()) + (["squad"] if cfg.squad_dev else [])
+    """The evaluate stage's benchmarks: held-out MLM and the bias probe, plus GLUE/SQuAD when data is given
+    (GLUE tasks: --glue-tasks, else the preset's)."""
+    glue = list(cfg.p("glue_tasks", ())) if cfg.glue_dir else []
+    return ["mlm", "bias"] + glue + (["squad"] if cfg.squad_dev else [])
+
+
+def eval_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """EvaluateConfig fields the preset sets beyond the defaults (replicate: seeds, task distillation, baselines,
+    the fine-tuning recipe). Empty for the other presets, so their stage records stay as they were."""
+    out: dict[str, Any] = {}
+    if cfg.p("eval_seeds"):
+        out["seeds"] = cfg.p("eval_seeds")
+    if cfg.p("task_distill") and cfg.glue_dir:
+        out["task_distill"] = True
+    if cfg.p("scratch_baselines") and cfg.glue_dir:
+        out["scratch_baselines"] = True
+    return {**out, **(cfg.p("finetune") or {})}
+
+
+def command_line(cfg: PipelineConfig) -> str:
+    """The ``distilflow pipeline`` command that runs ``cfg`` (options that differ from their defaults)."""
+    parts = ["distilflow", "pipeline"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if not f.metadata.get("cli", True) or value == f.default or value is None:
+            continue
+        flag = flag_of(f)
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{flag.removeprefix('--')}")
+        elif isinstance(value, tuple):
+            parts += [flag, ",".join(value)] if f.metadata.get("sep") else [flag, *map(str, value)]
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)

@@ -48,4 +48,8 @@ def stage_summary(name: str, r: dict[str, Any]) -> str:
         return f"{r.get('rows')} rows, top-1 {r.get('top1')}, top-5 {r.get('top5')}"
     if name == "evaluate":
         return "see below"
+    if name == "replication":
+        met = [r.get(k) for k in ("student_vs_teacher_sst2", "speedup", "param_reduction")]
+        return f"replication.md / replication.json (student/teacher SST-2 {met[0]}, speed-up {met[1]}, " \
+               f"parameter reduction {met[2]})"
     return ""
