@@ -5,8 +5,9 @@ the model it trains (``.model``: what is optimised, checkpointed and saved) and 
 token costs (for MFU). They are ``nn.Module``s so that DDP wraps the forward that produces the gradients.
 
 * :class:`PretrainObjective` -- BERT's MLM + NSP on a ``BertForPreTraining``.
-* :class:`DistillObjective` -- DistilBERT's soft-target KL + MLM + cosine: teacher forward (no grad), then
-  the student's.
+* :class:`DistillObjective` -- DistilBERT's soft-target KL + MLM + cosine: teacher forward (inference
+  mode), then the student's; the KL and MLM terms come from :func:`~distilflow.tasks.train.losses.fused_head_losses`
+  (vocabulary logits of both models formed in row chunks, never kept whole).
 
 Batch tensors (``B`` sequences of width ``L``): ``input_ids``, ``attention_mask``, ``token_type_ids``,
 ``labels`` (original id where masked, -100 elsewhere) ``[B, L]``; ``next_sentence_label`` ``[B]``.
@@ -25,8 +26,7 @@ from distilflow.tasks.core.errors import ConfigError
 from distilflow.tasks.core.hf import build_model, load_pretrained
 from distilflow.tasks.prepare.masking import IGNORE_INDEX
 from distilflow.tasks.train.config import TrainConfig
-from distilflow.tasks.train.heldout import student_head
-from distilflow.tasks.train.losses import ce_rows, combine
+from distilflow.tasks.train.losses import ce_rows, cosine_loss, fused_head_losses
 from distilflow.tasks.train.models import (
     default_student_layers,
     forward_flops_per_token,
@@ -72,6 +72,11 @@ class PretrainObjective(nn.Module):
         """Other models to evaluate beside the trained one (none)."""
         return {}
 
+    def architecture(self) -> dict[str, Any]:
+        c = self.model.config
+        return {"layers": c.num_hidden_layers, "hidden": c.hidden_size, "heads": c.num_attention_heads,
+                "ffn": c.intermediate_size}
+
     def compile_encoders(self) -> None:
         self.model.bert.compile()
 
@@ -89,25 +94,35 @@ class DistillObjective(nn.Module):
         object.__setattr__(self, "teacher", teacher)  # a plain attribute, not a registered submodule
         self.t, self.a = cfg.temperature, (cfg.alpha_ce, cfg.alpha_mlm, cfg.alpha_cos)
         self.restrict, self.mlm_prob = cfg.restrict_ce_to_mask, cfg.mlm_prob
+        self.layers = cfg.student_layers or default_student_layers(teacher.config.num_hidden_layers)
 
-    @torch.no_grad()
-    def teacher_outputs(self, b: Batch, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher logits on the KL rows [N, V] and last hidden states of real tokens [M, H]."""
-        h = self.teacher.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                              token_type_ids=b["token_type_ids"]).last_hidden_state  # [B, L, H]
-        return self.teacher.cls.predictions(h[sel]), h[b["attention_mask"].bool()]
+    def teacher_outputs(self, b: Batch, sel: torch.Tensor, real: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's MLM-head hidden states on the KL rows [N, H] (its logits are formed chunk by chunk
+        in the loss) and its last hidden states on the real tokens [M, H]."""
+        with torch.inference_mode():  # no autograd bookkeeping at all for the frozen teacher
+            h = self.teacher.bert(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                  token_type_ids=b["token_type_ids"]).last_hidden_state  # [B, L, H]
+            z_t = self.teacher.cls.predictions.transform(h[sel])  # [N, H]
+            h_real = h[real]  # [M, H]
+        # clone: leave inference mode, the cosine term saves the teacher's states for its backward
+        return z_t, h_real.clone()
 
     def forward(self, b: Batch) -> tuple[torch.Tensor, Terms]:
         labels, real = b["labels"], b["attention_mask"].bool()  # [B, L]
         sel = ce_rows(labels, b["attention_mask"], self.restrict)  # [B, L] rows of the KL term
-        t_logits, t_hidden = self.teacher_outputs(b, sel)
+        z_t, t_hidden = self.teacher_outputs(b, sel, real)
         h = self.model.distilbert(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
-        s_logits = student_head(self.model, h[sel])  # [N, V] on the KL rows
-        lo = combine(s_logits, t_logits, labels[sel], h[real], t_hidden, self.t, *self.a)
-        masked = labels[sel] != IGNORE_INDEX
-        acc = (s_logits[masked].argmax(-1) == labels[sel][masked]).float().mean()
-        return lo.total, {"loss_ce": lo.ce.detach(), "loss_mlm": lo.mlm.detach(), "loss_cos": lo.cos.detach(),
-                          "mlm_acc": acc.detach()}
+        s = self.model  # DistilBertForMaskedLM: its head is transform -> act -> LayerNorm -> vocab_projector
+        z = s.vocab_layer_norm(s.activation(s.vocab_transform(h[sel])))  # [N, H] on the KL rows
+        t_dec = self.teacher.cls.predictions.decoder
+        a_ce, a_mlm, a_cos = self.a
+        lo = fused_head_losses(z, s.vocab_projector.weight, s.vocab_projector.bias, z_t, t_dec.weight, t_dec.bias,
+                               labels[sel], self.t, a_ce, a_mlm)
+        cos = cosine_loss(h[real], t_hidden)
+        acc = lo.correct.float() / (labels[sel] != IGNORE_INDEX).sum()
+        return lo.loss + a_cos * cos, {
+            "loss_ce": lo.kl.detach(), "loss_mlm": lo.mlm.detach(), "loss_cos": cos.detach(), "mlm_acc": acc}
 
     def flops_per_token(self, seq_len: int) -> float:
         """Student 3 x forward + teacher forward; both heads on the KL rows (all tokens, or the masked)."""
@@ -119,6 +134,11 @@ class DistillObjective(nn.Module):
 
     def references(self) -> dict[str, Any]:
         return {"teacher": self.teacher}
+
+    def architecture(self) -> dict[str, Any]:
+        c = self.model.config
+        return {"layers": c.n_layers, "hidden": c.dim, "heads": c.n_heads, "ffn": c.hidden_dim,
+                "student_layers": self.layers}
 
     def compile_encoders(self) -> None:
         self.model.distilbert.compile()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distilflow.tasks.train.losses import distillation_losses, kl_soft_targets
+from distilflow.tasks.train.losses import distillation_losses, fused_head_losses, kl_soft_targets, mlm_ce
 
 
 def _batch(seed: int = 0):
@@ -81,3 +82,46 @@ def test_kl_nonnegative_and_zero_iff_equal(seed, T):
     s, t = torch.randn(6, 11, generator=g), torch.randn(6, 11, generator=g)
     assert kl_soft_targets(s, t, T).item() >= -1e-6
     assert abs(kl_soft_targets(t, t + 3.0, T).item()) < 1e-5  # shift-invariant softmax
+
+
+# -- the fused, chunked KL + MLM terms against the reference (autograd through full logits) ---------------
+def _head_case(seed: int, n: int = 13, h: int = 8, v: int = 37, masked_every: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    z, zt = torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(n, h, generator=g, dtype=torch.float64)
+    w, wt = torch.randn(v, h, generator=g, dtype=torch.float64), torch.randn(v, h, generator=g, dtype=torch.float64)
+    b, bt = torch.randn(v, generator=g, dtype=torch.float64), torch.randn(v, generator=g, dtype=torch.float64)
+    labels = torch.full((n,), -100)
+    labels[::masked_every] = torch.randint(0, v, (len(labels[::masked_every]),), generator=g)
+    return [x.float() for x in (z, w, b, zt, wt, bt)], labels
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 13, 100])
+@pytest.mark.parametrize("T", [1.0, 2.0, 3.5])
+def test_fused_head_losses_match_reference_values_and_gradients(chunk, T):
+    (z, w, b, zt, wt, bt), labels = _head_case(int(T * 10) + chunk)
+    ref = [x.clone().requires_grad_(True) for x in (z, w, b)]
+    s_logits = ref[0] @ ref[1].t() + ref[2]
+    kl_ref, mlm_ref = kl_soft_targets(s_logits, zt @ wt.t() + bt, T), mlm_ce(s_logits, labels)
+    (5.0 * kl_ref + 2.0 * mlm_ref).backward()
+    new = [x.clone().requires_grad_(True) for x in (z, w, b)]
+    lo = fused_head_losses(*new, zt, wt, bt, labels, T, 5.0, 2.0, chunk=chunk)
+    lo.loss.backward()
+    torch.testing.assert_close(lo.loss, (5.0 * kl_ref + 2.0 * mlm_ref).detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lo.kl, kl_ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lo.mlm, mlm_ref.detach(), rtol=1e-5, atol=1e-5)
+    masked = labels != -100
+    assert int(lo.correct) == int((s_logits[masked].argmax(-1) == labels[masked]).sum())
+    for a, r in zip(new, ref, strict=True):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_head_losses_edge_cases():
+    (z, w, b, zt, wt, bt), labels = _head_case(0)
+    none = torch.full_like(labels, -100)  # no masked row: the MLM term is 0 and adds no gradient
+    zz = z.clone().requires_grad_(True)
+    lo = fused_head_losses(zz, w, b, zt, wt, bt, none, 2.0, alpha_ce=0.0, alpha_mlm=2.0)
+    assert lo.mlm.item() == 0.0 and int(lo.correct) == 0 and lo.loss.item() == 0.0
+    lo.loss.backward()
+    assert zz.grad is not None and not zz.grad.any()
+    same = fused_head_losses(z, w, b, z, w, b, labels, 2.0)  # student == teacher: no KL
+    assert abs(same.kl.item()) < 1e-6
