@@ -1,43 +1,65 @@
-"""Benchmark: batch fill-mask (tasks/fill_mask.py) vs ``transformers.pipeline("fill-mask", batch_size=32)``.
+"""Benchmark: ``distilflow fill-mask`` as a whole process vs ``transformers.pipeline("fill-mask")`` vs faster-clip.
 
-Same rows, same model, same process, alternating in chunks; prints rows/s of each, the ratio, whether the
-answers are identical (top-k tokens equal on every row, scores within 1e-4), and the opt-in int8 mode's
-speed and top-1 agreement with float32.
+Issue 16's two cases, measured in one run on the same rows and the same saved model (random weights,
+loaded with ``from_pretrained``; nothing is downloaded):
 
-The model is DistilBERT-size (``DistilBertConfig()`` defaults: 6 layers, dim 768, vocab 30,522) with random
-weights, saved and loaded with ``from_pretrained``; rows are real sentences from the shared Gutenberg books
-with one (sometimes two) words masked.
+* ``distilbert``: DistilBERT size (``DistilBertConfig()``: 6 x 768, vocab 30,522), 2,000 mixed-length
+  Gutenberg sentences with one (sometimes two) words masked;
+* ``bert-base``: BERT-base size (``BertConfig()``: 12 x 768), 1,000 LAMA-like cloze rows ("The capital of
+  Peru is [MASK].", "Ada Brown was born in [MASK]."), one mask each. faster-clip (PyPI: a Rust, int8 "drop-in
+  replacement" for the bert-base-uncased fill-mask pipeline) runs here too, on the *same* weights: it is
+  pointed at them through its cache folder (``$FASTER_CLIP_CACHE/bert-base-uncased/{model.safetensors,
+  tokenizer.json}``, the files it would otherwise download from the hub).
 
-    python scripts/bench_fill_mask.py --rows 300 --threads 1
+How each is timed (default threads everywhere: torch's, faster-clip's own):
 
-Times are process CPU seconds (``time.process_time``): with one thread that is the wall time of an idle
-machine, and other jobs on a shared machine do not distort it. ``--wall`` reports wall-clock instead.
+* pipeline: ``pipe(rows, batch_size=32)`` in a child process, model loaded and warmed up first (compute only);
+* faster-clip: ``FillMask().predict(row)`` per row (its API takes one text) in a child process, warmed up
+  first (compute only);
+* distilflow: ``distilflow fill-mask --input rows.txt --output DIR --model M`` as a *whole process*: wall
+  clock from launch to exit, Prefect's temporary server, imports and model load included;
+* start-up: the same command on 2 rows (the fixed cost of a command), with the command line's early
+  temporary server and with Prefect's own (``DISTILFLOW_TEMP_SERVER=0``, as before).
+
+Answers: distilflow's Parquet output against the pipeline's (top-k tokens and sequences equal, scores
+within 1e-4) row by row; faster-clip's top-5 token strings against the pipeline's.
+
+    python scripts/bench_fill_mask.py                          # both cases, as in BENCHMARKS.md
+    python scripts/bench_fill_mask.py --case distilbert --rows 300 --no-startup   # a quick look
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import re
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-import torch
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
+SHARED = Path(os.environ.get("DISTILFLOW_SHARED", REPO.parent / "shared" / "data"))
+TOKENIZER = SHARED / "tokenizers" / "bert-base-uncased"
+DISTILFLOW = str(Path(sys.executable).with_name("distilflow"))
 
 
-def sentences(n: int, seed: int) -> list[str]:
+# -- rows ------------------------------------------------------------------------------------------
+def gutenberg_rows(n: int, seed: int) -> list[str]:
+    """Mixed-length real sentences (8-110 words), one word masked (two in 10% of rows)."""
     rng = random.Random(seed)
     sents: list[str] = []
     for book in sorted((SHARED / "corpus" / "gutenberg").glob("pg*.txt")):
         text = book.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
         for para in text.split("\n\n"):
             para = " ".join(para.split())
-            sents.extend(s for s in re.split(r"(?<=[.!?])\s+", para) if 4 <= len(s.split()) <= 80)
+            sents.extend(s for s in re.split(r"(?<=[.!?])\s+", para) if 8 <= len(s.split()) <= 110)
     out = []
     for s in rng.sample(sents, n):
         words = s.split()
@@ -47,88 +69,237 @@ def sentences(n: int, seed: int) -> list[str]:
     return out
 
 
-def same(ours, ref, tol: float = 1e-4) -> bool:
-    if ref and isinstance(ref[0], list):
-        return isinstance(ours[0], list) and len(ours) == len(ref) and all(
-            same(o, r, tol) for o, r in zip(ours, ref, strict=True))
-    return ([p["token"] for p in ours] == [p["token"] for p in ref]
-            and [p["sequence"] for p in ours] == [p["sequence"] for p in ref]
-            and all(abs(o["score"] - r["score"]) < tol for o, r in zip(ours, ref, strict=True)))
+FIRST = ["Ada", "Alan", "Grace", "Maria", "John", "Emma", "Ivan", "Li", "Omar", "Sofia", "Hugo", "Nina", "Karl",
+         "Yuki", "Pablo", "Anna", "Tariq", "Elena", "Samuel", "Mei", "Lars", "Amara", "Felix", "Rosa", "Ahmed"]
+LAST = ["Brown", "Turing", "Hopper", "Curie", "Smith", "Garcia", "Petrov", "Wang", "Haddad", "Rossi", "Dubois",
+        "Novak", "Weber", "Tanaka", "Lopez", "Larsen", "Okafor", "Silva", "Kim", "Nguyen"]
+PERSON = ["{p} was born in [MASK].", "{p} died in [MASK].", "{p} works as a [MASK].", "{p} is a [MASK] by profession.",
+          "{p} was a citizen of [MASK].", "The native language of {p} is [MASK]."]
+COUNTRY = ["The capital of {country} is [MASK].", "{capital} is the capital of [MASK].",
+           "People in {country} speak [MASK].", "The official language of {country} is [MASK].",
+           "{country} is located in [MASK].", "The currency of {country} is the [MASK].",
+           "{landmark} is located in [MASK].", "{capital} is a city in [MASK]."]
 
 
-def top1(out) -> list[int]:
-    return [p[0]["token"] for p in (out if isinstance(out[0], list) else [out])]
+def lama_rows(n: int, seed: int) -> list[str]:
+    """LAMA-like cloze rows (T-REx / Google-RE style relations): short facts, one [MASK] each."""
+    from distilflow.tasks.prepare.demo_corpus import FACTS
+
+    rows = [t.format(country=c, capital=cap, landmark=lm[0].upper() + lm[1:]) for c, cap, _, _, _, lm in FACTS
+            for t in COUNTRY]
+    rows += [t.format(p=f"{a} {b}") for a in FIRST for b in LAST for t in PERSON]
+    rng = random.Random(seed)
+    rows = sorted(set(rows))
+    return rng.sample(rows, min(n, len(rows)))
+
+
+# -- models ----------------------------------------------------------------------------------------
+def save_model(kind: str, out: Path, seed: int) -> str:
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        BertConfig,
+        BertForMaskedLM,
+        DistilBertConfig,
+        DistilBertForMaskedLM,
+    )
+
+    torch.manual_seed(seed)
+    model = DistilBertForMaskedLM(DistilBertConfig()) if kind == "distilbert" else BertForMaskedLM(BertConfig())
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(str(TOKENIZER)).save_pretrained(out)
+    return str(out)
+
+
+def faster_clip_cache(model: str, root: Path) -> Path:
+    """faster-clip's cache layout for ``lang="en"``: <cache>/bert-base-uncased/{model.safetensors, tokenizer.json}."""
+    d = root / "bert-base-uncased"
+    d.mkdir(parents=True, exist_ok=True)
+    for name in ("model.safetensors", "tokenizer.json"):
+        if not (d / name).exists():
+            os.link(Path(model) / name, d / name) if _same_fs(model, d) else shutil.copy(Path(model) / name, d / name)
+    return root
+
+
+def _same_fs(a: str, b: Path) -> bool:
+    return os.stat(a).st_dev == os.stat(b).st_dev
+
+
+# -- the three contenders --------------------------------------------------------------------------
+def child_pipeline(model: str, rows: list[str]) -> dict[str, Any]:
+    from transformers import pipeline
+
+    pipe = pipeline("fill-mask", model=model, tokenizer=model, device="cpu")
+    pipe(rows[:8], batch_size=8)  # warm-up
+    t0 = time.perf_counter()
+    out = pipe(rows, batch_size=32)
+    return {"seconds": time.perf_counter() - t0, "answers": out}
+
+
+def child_faster_clip(cache: str, rows: list[str]) -> dict[str, Any]:
+    os.environ["FASTER_CLIP_CACHE"] = cache
+    from faster_clip import FillMask
+
+    fm = FillMask()
+    fm.predict(rows[0], lang="en")  # loads the weights
+    t0 = time.perf_counter()
+    out = [fm.predict(r, lang="en", top_k=5) for r in rows]
+    return {"seconds": time.perf_counter() - t0, "answers": out}
+
+
+def run_child(kind: str, arg: str, rows_file: Path, out: Path) -> dict[str, Any]:
+    subprocess.run([sys.executable, __file__, "--child", kind, "--child-arg", arg, "--child-rows", str(rows_file),
+                    "--child-out", str(out)], check=True)
+    return json.loads(out.read_text())
+
+
+def run_distilflow(model: str, rows_file: Path, out: Path, log: Path, *extra: str,
+                   env: dict[str, str] | None = None) -> float:
+    """Whole-process wall seconds of one ``distilflow fill-mask`` command."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [DISTILFLOW, "fill-mask", "--input", str(rows_file), "--output", str(out), "--model", model, *extra]
+    t0 = time.perf_counter()
+    with open(log, "a") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}).returncode
+    seconds = time.perf_counter() - t0
+    if rc != 0:
+        raise SystemExit(f"distilflow fill-mask failed ({rc}); see {log}")
+    return seconds
+
+
+# -- answers ---------------------------------------------------------------------------------------
+def distilflow_answers(out: Path, n: int) -> list[list[list[dict[str, Any]]]]:
+    """Per row, per mask: [{token, score, sequence}] in rank order, from the Parquet output."""
+    import pyarrow.parquet as pq
+
+    rows: list[list[list[dict[str, Any]]]] = [[] for _ in range(n)]
+    for r in pq.read_table(out).to_pylist():
+        masks = rows[r["row_id"]]
+        while len(masks) <= r["mask_index"]:
+            masks.append([])
+        masks[r["mask_index"]].append(r)
+    return rows
+
+
+def same_as_pipeline(ours: list[list[dict[str, Any]]], ref: Any, tol: float = 1e-4, tie: float = 0.0) -> bool:
+    """Same top-k tokens and sequences in the same order, scores within ``tol``. ``tie`` > 0: two tokens whose
+    scores differ by less than ``tie`` may come in either order (random weights give such near-ties, and
+    float sums in another order may swap them)."""
+    ref_masks = ref if ref and isinstance(ref[0], list) else [ref]
+    if len(ours) != len(ref_masks):
+        return False
+    for om, rm in zip(ours, ref_masks, strict=True):
+        if len(om) != len(rm) or any(abs(o["score"] - r["score"]) >= tol for o, r in zip(om, rm, strict=True)):
+            return False
+        for o, r in zip(om, rm, strict=True):
+            if (o["token"], o["sequence"]) != (r["token"], r["sequence"]) and not any(
+                    (o["token"], o["sequence"]) == (x["token"], x["sequence"]) and abs(x["score"] - o["score"]) < tie
+                    for x in rm):
+                return False
+    return True
+
+
+# -- one case --------------------------------------------------------------------------------------
+def bench_case(kind: str, n: int, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    rows = gutenberg_rows(n, args.seed) if kind == "distilbert" else lama_rows(n, args.seed)
+    rows_file = work / f"{kind}-rows.txt"
+    rows_file.write_text("\n".join(rows) + "\n")
+    tok = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    lens = [len(x) for x in tok(rows)["input_ids"]]
+    model = save_model(kind, work / f"{kind}-model", args.seed)
+    print(f"\n== {kind}: {len(rows)} rows, tokens/row min {min(lens)} mean {sum(lens) / len(lens):.1f} max {max(lens)}",
+          flush=True)
+    res: dict[str, Any] = {"case": kind, "rows": len(rows), "mean_tokens": sum(lens) / len(lens)}
+    log = work / "distilflow.log"
+
+    pipe = run_child("pipeline", model, rows_file, work / f"{kind}-pipeline.json")
+    res["pipeline_rows_s"] = len(rows) / pipe["seconds"]
+    print(f"pipeline(batch_size=32), in-process:     {res['pipeline_rows_s']:7.1f} rows/s ({pipe['seconds']:.1f} s)",
+          flush=True)
+
+    walls = [run_distilflow(model, rows_file, work / f"{kind}-out", log) for _ in range(args.repeat)]
+    wall = statistics.median(walls)
+    res["distilflow_rows_s"] = len(rows) / wall
+    got = distilflow_answers(work / f"{kind}-out", len(rows))
+    res["identical_strict"] = sum(same_as_pipeline(o, r) for o, r in zip(got, pipe["answers"], strict=True))
+    res["identical"] = sum(same_as_pipeline(o, r, tie=1e-6) for o, r in zip(got, pipe["answers"], strict=True))
+    res["ratio_vs_pipeline"] = res["distilflow_rows_s"] / res["pipeline_rows_s"]
+    print(f"distilflow fill-mask, whole process:     {res['distilflow_rows_s']:7.1f} rows/s ({wall:.1f} s; runs "
+          f"{', '.join(f'{w:.1f}' for w in walls)})  = {res['ratio_vs_pipeline']:.2f}x the pipeline; identical answers "
+          f"{res['identical']}/{len(rows)} rows ({res['identical_strict']} in the same order also where two scores "
+          "tie within 1e-6)", flush=True)
+
+    if args.fast:
+        fwall = run_distilflow(model, rows_file, work / f"{kind}-fast", log, "--fast")
+        fast = distilflow_answers(work / f"{kind}-fast", len(rows))
+        top1 = [(a[0][0]["token"], b[0][0]["token"]) for a, b in zip(fast, got, strict=True)]
+        res["fast_rows_s"] = len(rows) / fwall
+        print(f"distilflow fill-mask --fast, whole proc: {res['fast_rows_s']:7.1f} rows/s ({fwall:.1f} s) = "
+              f"{res['fast_rows_s'] / res['distilflow_rows_s']:.2f}x exact; top-1 agreement with exact (random "
+              f"weights) {sum(a == b for a, b in top1) / len(top1):.3f}", flush=True)
+
+    if kind == "bert-base" and not args.no_faster_clip:
+        cache = faster_clip_cache(model, work / "faster-clip-cache")
+        fc = run_child("faster-clip", str(cache), rows_file, work / f"{kind}-faster-clip.json")
+        res["faster_clip_rows_s"] = len(rows) / fc["seconds"]
+        same5 = sum([a["token_str"] for a in f] == [b["token_str"] for b in p]
+                    for f, p in zip(fc["answers"], pipe["answers"], strict=True))
+        res["faster_clip_identical_top5"] = same5
+        res["ratio_vs_faster_clip"] = res["distilflow_rows_s"] / res["faster_clip_rows_s"]
+        print(f"faster-clip FillMask (int8), in-process: {res['faster_clip_rows_s']:7.1f} rows/s ({fc['seconds']:.1f} s); "
+              f"top-5 identical to the pipeline {same5}/{len(rows)}; distilflow = {res['ratio_vs_faster_clip']:.2f}x "
+              "faster-clip", flush=True)
+
+    if not args.no_startup:
+        two = work / f"{kind}-2rows.txt"
+        two.write_text("\n".join(rows[:2]) + "\n")
+        early = [run_distilflow(model, two, work / "startup", log) for _ in range(args.repeat)]
+        prefect = [run_distilflow(model, two, work / "startup", log, env={"DISTILFLOW_TEMP_SERVER": "0"})
+                   for _ in range(args.repeat)]
+        res["startup_s"], res["startup_prefect_own_s"] = statistics.median(early), statistics.median(prefect)
+        print(f"fixed cost (2 rows, whole process): {res['startup_s']:.1f} s with the early temporary server, "
+              f"{res['startup_prefect_own_s']:.1f} s with Prefect's own (runs {', '.join(f'{w:.1f}' for w in early)} / "
+              f"{', '.join(f'{w:.1f}' for w in prefect)})", flush=True)
+    return res
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rows", type=int, default=300, help="rows to score (default 300)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads for both (default 1: CPU time then equals work, robust on a shared machine)")
-    ap.add_argument("--batch-size", type=int, default=16,
-                    help="our batch size, length-sorted (the pipeline gets 32) (default 16)")
-    ap.add_argument("--chunks", type=int, default=1,
-                    help="alternate pipeline/ours over this many chunks (default 1: each gets all rows at once)")
-    ap.add_argument("--init-range", type=float, default=0.02,
-                    help="initializer_range of the random weights (default 0.02, DistilBERT's)")
-    ap.add_argument("--seed", type=int, default=0, help="row sample / weights seed (default 0)")
-    ap.add_argument("--no-int8", action="store_true", help="skip the int8 mode")
-    ap.add_argument("--wall", action="store_true", help="measure wall-clock time instead of CPU time")
+    ap.add_argument("--case", choices=["distilbert", "bert-base", "both"], default="both")
+    ap.add_argument("--rows", type=int, default=2000, help="rows of the distilbert case (default 2000)")
+    ap.add_argument("--lama-rows", type=int, default=1000, help="rows of the bert-base case (default 1000)")
+    ap.add_argument("--repeat", type=int, default=1, help="distilflow runs per measurement; the median counts")
+    ap.add_argument("--fast", action="store_true", help="also time --fast (opt-in approximate mode)")
+    ap.add_argument("--no-faster-clip", action="store_true")
+    ap.add_argument("--no-startup", action="store_true", help="skip the 2-row fixed-cost runs")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--work", default=None, help="work folder (default: a temporary folder, removed)")
+    ap.add_argument("--child", choices=["pipeline", "faster-clip"], help=argparse.SUPPRESS)
+    ap.add_argument("--child-arg", help=argparse.SUPPRESS)
+    ap.add_argument("--child-rows", help=argparse.SUPPRESS)
+    ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    clock = time.perf_counter if args.wall else time.process_time
+    if args.child:
+        rows = Path(args.child_rows).read_text().splitlines()
+        fn = child_pipeline if args.child == "pipeline" else child_faster_clip
+        Path(args.child_out).write_text(json.dumps(fn(args.child_arg, rows)))
+        return 0
+    import torch
 
-    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForMaskedLM, pipeline
-
-    from distilflow.tasks.infer.fill_mask import FillMaskConfig, FillMasker
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    texts = sentences(args.rows, args.seed)
-    with tempfile.TemporaryDirectory() as tmp:
-        tok = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "bert-base-uncased"))
-        DistilBertForMaskedLM(DistilBertConfig(initializer_range=args.init_range)).save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        lens = [len(x) for x in tok(texts)["input_ids"]]
-        print(f"{len(texts)} rows, tokens/row min {min(lens)} mean {sum(lens) / len(lens):.1f} max {max(lens)}; "
-              f"threads={args.threads}; {'wall' if args.wall else 'CPU'} time; torch {torch.__version__}; device cpu")
-
-        pipe = pipeline("fill-mask", model=tmp, tokenizer=tmp, device="cpu")
-        ours = FillMasker(FillMaskConfig(model=tmp, batch_size=args.batch_size, device="cpu"))
-        pipe(texts[:8], batch_size=8)  # warm-up
-        ours(texts[:8])
-
-        # interleave the two in chunks so that load changes on a shared machine hit both alike
-        ref, got, t_pipe, t_ours = [], [], 0.0, 0.0
-        step = max(1, len(texts) // args.chunks)
-        for i in range(0, len(texts), step):
-            chunk = texts[i:i + step]
-            t0 = clock()
-            ref.extend(pipe(chunk, batch_size=32) if len(chunk) > 1 else [pipe(chunk[0])])
-            t_pipe += clock() - t0
-            t0 = clock()
-            got.extend(ours(chunk))
-            t_ours += clock() - t0
-        identical = sum(same(o, r) for o, r in zip(got, ref, strict=True))
-        print(f"pipeline(batch_size=32): {len(texts) / t_pipe:8.1f} rows/s ({t_pipe:.1f} s)")
-        print(f"distilflow fill-mask:    {len(texts) / t_ours:8.1f} rows/s ({t_ours:.1f} s)")
-        print(f"ratio ours/pipeline:     {t_pipe / t_ours:8.2f}x")
-        print(f"identical answers (top-5 tokens, sequences, scores within 1e-4): {identical}/{len(texts)} rows")
-
-        if not args.no_int8:
-            q = FillMasker(FillMaskConfig(model=tmp, batch_size=args.batch_size, device="cpu", quantize="int8"))
-            q(texts[:8])
-            got_q, t_q = [], 0.0
-            for i in range(0, len(texts), step):
-                t0 = clock()
-                got_q.extend(q(texts[i:i + step]))
-                t_q += clock() - t0
-            a = [x for o in got for x in top1(o)]
-            b = [x for o in got_q for x in top1(o)]
-            agree = sum(x == y for x, y in zip(a, b, strict=True)) / len(a)
-            print(f"int8 (quantize_dynamic): {len(texts) / t_q:8.1f} rows/s ({t_q:.1f} s), "
-                  f"{t_pipe / t_q:.2f}x the pipeline, {t_ours / t_q:.2f}x float32 ours; "
-                  f"top-1 agreement with float32: {agree:.4f} over {len(a)} masks")
-    return 0 if identical == len(texts) else 1
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (default), {os.cpu_count()} CPUs; "
+          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-fill-mask-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cases = ["distilbert", "bert-base"] if args.case == "both" else [args.case]
+    results = [bench_case(c, args.rows if c == "distilbert" else args.lama_rows, work, args) for c in cases]
+    print(f"\nload average at the end {os.getloadavg()[0]:.1f}")
+    print(json.dumps(results))
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+    ok = all(r["identical"] == r["rows"] for r in results)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -94,7 +94,9 @@ def write_inputs(out: Path) -> None:
     (out / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
 
 
-def run_all(site: Path | None, out: Path, only: set[str], log: Path) -> dict[str, int]:
+def run_all(site: Path | None, out: Path, only: set[str], log: Path, models: Path | None = None) -> dict[str, int]:
+    """``models``: run the infer commands with the models trained under that folder (the reference run's), so
+    inference is compared on the same weights even when training changed."""
     write_inputs(out)
     env = {**os.environ, "DISTILFLOW_PROGRESS": "0", "PYTHONHASHSEED": "0"}
     if site is not None:
@@ -104,6 +106,11 @@ def run_all(site: Path | None, out: Path, only: set[str], log: Path) -> dict[str
         for group, argv in commands(out):
             if group not in only:
                 continue
+            if models is not None and group == "infer":
+                if argv[0] == "python":  # the QA model is the reference run's too
+                    continue
+                argv = [str(models / Path(a).relative_to(out)) if i and argv[i - 1] == "--model" else a
+                        for i, a in enumerate(argv)]
             if argv[0] == "python":
                 cmd = [sys.executable, "-c", argv[1]]
             else:
@@ -149,8 +156,11 @@ def losses(path: Path) -> list[dict]:
     return rows
 
 
-def compare(ref_out: Path, new_out: Path) -> int:
+def compare(ref_out: Path, new_out: Path, under: tuple[str, ...] = ()) -> int:
     ref, new = data_files(ref_out), data_files(new_out)
+    if under:  # only the outputs of these folders
+        ref = {k: v for k, v in ref.items() if k.startswith(under)}
+        new = {k: v for k, v in new.items() if k.startswith(under)}
     bad = 0
     for rel in sorted(set(ref) | set(new)):
         if rel not in new or rel not in ref:
@@ -177,6 +187,9 @@ def main() -> int:
     ap.add_argument("--work", default=None, help="work folder (default: a new temporary folder, removed)")
     ap.add_argument("--only", default="prepare,train,infer", help="groups to run: prepare,train,infer")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--infer-on-ref-models", action="store_true",
+                    help="run this checkout's fill-mask/qa/embed with the models the reference commit trained, and "
+                    "compare only their outputs: inference alone, even while training changes its numbers")
     args = ap.parse_args()
     only = set(args.only.split(","))
     if "infer" in only or "train" in only:
@@ -192,12 +205,13 @@ def main() -> int:
     print(f"running with {args.ref}:", flush=True)
     ref_codes = run_all(site, work / "out-ref", only, log)
     print("running with this checkout:", flush=True)
-    new_codes = run_all(None, work / "out-new", only, log)
-    bad = sum(1 for k in ref_codes if ref_codes[k] != new_codes.get(k))
+    models = work / "out-ref" if args.infer_on_ref_models else None
+    new_codes = run_all(None, work / "out-new", {"infer"} if models else only, log, models)
+    bad = sum(1 for k in ref_codes if ref_codes[k] != new_codes.get(k, ref_codes[k] if models else None))
     if bad:
         print(f"{bad} command(s) exited differently: ref {ref_codes} new {new_codes}")
     print("comparing:")
-    bad += compare(work / "out-ref", work / "out-new")
+    bad += compare(work / "out-ref", work / "out-new", ("fm/", "emb/", "qa/") if models else ())
     print("IDENTICAL" if not bad else f"{bad} DIFFERENCE(S)")
     if not args.keep and not args.work:
         shutil.rmtree(work, ignore_errors=True)

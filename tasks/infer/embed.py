@@ -13,9 +13,10 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from distilflow.tasks.core.hf import load_pretrained, resolve_device
+from distilflow.tasks.core.hf import load_pretrained, local_model, resolve_device
 from distilflow.tasks.infer.batch_io import ErrorRow, InputRow, WindowResult, length_sorted_batches
 from distilflow.tasks.infer.config import EmbedConfig
+from distilflow.tasks.infer.streams import map_batches, streams_for
 
 
 @functools.lru_cache(maxsize=2)
@@ -24,7 +25,7 @@ def load_encoder(model: str, device: str = "auto") -> tuple[Any, torch.nn.Module
 
     dev = resolve_device(device)
     m = load_pretrained(AutoModel, model).eval().to(dev)  # a *ForMaskedLM folder loads its encoder
-    tok = AutoTokenizer.from_pretrained(model)  # after the model: a missing folder is named as such
+    tok = AutoTokenizer.from_pretrained(local_model(model))  # after the model: a missing folder is named as such
     return tok, m, dev
 
 
@@ -48,6 +49,7 @@ class Embedder:
         self.max_length = min(cfg.max_length, limit) if cfg.max_length else limit
         mcfg: Any = self.model.config
         self.dim = int(getattr(mcfg, "hidden_size", 0) or mcfg.dim)
+        self.streams = streams_for(self.device, cfg.threads)
         self.bf16 = self.device.type == "cuda" and cfg.dtype in ("auto", "bfloat16")
 
     def schema(self) -> pa.Schema:
@@ -58,12 +60,13 @@ class Embedder:
             pa.field("truncated", pa.bool_(), nullable=False),
         ])
 
-    @torch.inference_mode()
     def embed_ids(self, ids: list[list[int]]) -> torch.Tensor:
         """``(N, H)`` float32 embeddings, in input order, computed in length-sorted batches."""
         out = torch.empty((len(ids), self.dim), dtype=torch.float32)
         pad = self.tokenizer.pad_token_id or 0
-        for b in length_sorted_batches([len(x) for x in ids], self.cfg.batch_size):
+
+        @torch.inference_mode()  # per call: batches may run in other threads (tasks/infer/streams.py)
+        def embed(b: list[int]) -> torch.Tensor:
             longest = max(len(ids[i]) for i in b)
             x = torch.full((len(b), longest), pad, dtype=torch.long)
             att = torch.zeros((len(b), longest), dtype=torch.long)
@@ -76,7 +79,11 @@ class Embedder:
             v = pool(hidden.float(), att, self.cfg.pooling)
             if self.cfg.normalize:
                 v = torch.nn.functional.normalize(v, dim=-1)
-            out[b] = v.cpu()
+            return v.cpu()
+
+        batches = length_sorted_batches([len(x) for x in ids], self.cfg.batch_size)
+        for b, v in zip(batches, map_batches(embed, batches, self.streams), strict=True):
+            out[b] = v
         return out
 
     def process(self, rows: list[InputRow], url: str = "") -> WindowResult:

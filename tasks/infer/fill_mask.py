@@ -37,9 +37,10 @@ import torch
 from torch import nn
 
 from distilflow.tasks.core.errors import ConfigError, InputError
-from distilflow.tasks.core.hf import load_pretrained, resolve_device
+from distilflow.tasks.core.hf import load_pretrained, local_model, resolve_device
 from distilflow.tasks.infer.batch_io import ErrorRow, InputRow, WindowResult, length_sorted_batches
 from distilflow.tasks.infer.config import FillMaskConfig
+from distilflow.tasks.infer.streams import map_batches, streams_for
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ def load_mlm(model: str, device: str = "auto", dtype: str = "auto") -> tuple[Any
     except (ValueError, ImportError):  # architectures without SDPA support
         m = load_pretrained(AutoModelForMaskedLM, model)
     m.eval().to(dev)
-    tok = AutoTokenizer.from_pretrained(model)  # after the model: a missing folder is named as such
+    tok = AutoTokenizer.from_pretrained(local_model(model))  # after the model: a missing folder is named as such
     return tok, m, dev, compute
 
 
@@ -189,6 +190,7 @@ class FillMasker:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.tokenizer, self.model, self.device, self.dtype = load_mlm(cfg.model, cfg.device, cfg.dtype)
+        self.streams = streams_for(self.device, cfg.threads)  # batches at once (one core each on a CPU)
         tok = self.tokenizer
         if tok.mask_token_id is None:
             raise InputError(f"{cfg.model}: the tokenizer has no mask token; this is not a fill-mask model")
@@ -292,9 +294,9 @@ class FillMasker:
     def predict(self, encoded: list[list[int]], quantized: bool = False) -> list[list[tuple[np.ndarray, np.ndarray]]]:
         """Per row, per mask: (top-k scores float32, top-k token ids), rows in the given order."""
         out: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in encoded]
-        lengths = [len(x) for x in encoded]
         targets = torch.as_tensor(self.target_ids) if self.target_ids is not None else None
-        for b in length_sorted_batches(lengths, self.cfg.batch_size):
+
+        def top_k(b: list[int]) -> tuple[np.ndarray, np.ndarray, list[list[int]]]:
             logits, positions = self.mask_logits([encoded[i] for i in b], quantized)
             probs = logits.softmax(dim=-1)  # over the full vocabulary, as the pipeline does
             if targets is not None:
@@ -302,7 +304,11 @@ class FillMasker:
             values, preds = probs.topk(self.top_k)  # (M, k)
             if targets is not None:
                 preds = targets.to(preds.device)[preds]
-            scores_np, tokens_np = values.cpu().numpy(), preds.cpu().numpy()
+            return values.cpu().numpy(), preds.cpu().numpy(), positions
+
+        batches = length_sorted_batches([len(x) for x in encoded], self.cfg.batch_size)
+        streams = 1 if quantized else self.streams
+        for b, (scores_np, tokens_np, positions) in zip(batches, map_batches(top_k, batches, streams), strict=True):
             m = 0
             for row, pos in zip(b, positions, strict=True):
                 for _ in pos:

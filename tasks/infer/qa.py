@@ -25,9 +25,10 @@ import pyarrow as pa
 import torch
 
 from distilflow.tasks.core.errors import InputError
-from distilflow.tasks.core.hf import load_pretrained, resolve_device
+from distilflow.tasks.core.hf import load_pretrained, local_model, resolve_device
 from distilflow.tasks.infer.batch_io import ErrorRow, InputRow, WindowResult, length_sorted_batches
 from distilflow.tasks.infer.config import QAConfig
+from distilflow.tasks.infer.streams import map_batches, streams_for
 
 QA_SCHEMA = pa.schema([
     pa.field("row_id", pa.int64(), nullable=False),
@@ -45,7 +46,7 @@ def load_qa(model: str, device: str = "auto") -> tuple[Any, torch.nn.Module, tor
 
     dev = resolve_device(device)
     m = load_pretrained(AutoModelForQuestionAnswering, model).eval().to(dev)
-    tok = AutoTokenizer.from_pretrained(model)  # after the model: a missing folder is named as such
+    tok = AutoTokenizer.from_pretrained(local_model(model))  # after the model: a missing folder is named as such
     if not tok.is_fast:
         raise InputError(f"{model}: batch QA needs a fast tokenizer (tokenizer.json: offsets / word ids)")
     return tok, m, dev
@@ -58,6 +59,7 @@ class QuestionAnswerer:
             torch.set_num_threads(cfg.threads)
         self.tokenizer, self.model, self.device = load_qa(cfg.model, cfg.device)
         self.input_columns = (cfg.question_column, cfg.context_column)
+        self.streams = streams_for(self.device, cfg.threads)
         limit = int(getattr(self.model.config, "max_position_embeddings", cfg.max_seq_len))
         self.max_seq_len = min(cfg.max_seq_len, limit, int(self.tokenizer.model_max_length or limit))
         self.doc_stride = min(cfg.doc_stride, self.max_seq_len // 2)
@@ -74,12 +76,13 @@ class QuestionAnswerer:
             max_length=self.max_seq_len, stride=self.doc_stride, return_token_type_ids=True,
             return_overflowing_tokens=True, return_offsets_mapping=True)
 
-    @torch.inference_mode()
     def _logits(self, feats: list[dict[str, Any]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(start, end) float32 logits per feature, run in length-sorted batches."""
         out: list[Any] = [None] * len(feats)
         pad = self.tokenizer.pad_token_id or 0
-        for b in length_sorted_batches([len(f["input_ids"]) for f in feats], self.cfg.batch_size):
+
+        @torch.inference_mode()  # per call: batches may run in other threads (tasks/infer/streams.py)
+        def logits(b: list[int]) -> tuple[np.ndarray, np.ndarray]:
             longest = max(len(feats[i]["input_ids"]) for i in b)
             batch: dict[str, torch.Tensor] = {}
             for name in ("input_ids", "attention_mask", "token_type_ids"):
@@ -92,7 +95,10 @@ class QuestionAnswerer:
                     t[j, : len(v)] = torch.tensor(v)
                 batch[name] = t.to(self.device)
             o = self.model(**batch)
-            start, end = o.start_logits.float().cpu().numpy(), o.end_logits.float().cpu().numpy()
+            return o.start_logits.float().cpu().numpy(), o.end_logits.float().cpu().numpy()
+
+        batches = length_sorted_batches([len(f["input_ids"]) for f in feats], self.cfg.batch_size)
+        for b, (start, end) in zip(batches, map_batches(logits, batches, self.streams), strict=True):
             for j, i in enumerate(b):
                 n = len(feats[i]["input_ids"])
                 out[i] = (start[j, :n], end[j, :n])

@@ -101,6 +101,23 @@ def test_matches_pipeline_every_row(model_path, fill):
         assert_same(o, r)
 
 
+def test_batches_in_parallel_streams_give_the_same_answers(model_path, fill):
+    """Two batches at a time, one thread each (tasks/infer/streams.py): the pipeline's answers, in row order,
+    and torch's thread count is restored afterwards."""
+    texts = gutenberg_texts(40, seed=3)
+    before = torch.get_num_threads()
+    fm = FillMasker(FillMaskConfig(model=model_path, batch_size=4, threads=2))
+    assert fm.streams == 2
+    ours = fm(texts)
+    assert torch.get_num_threads() == before
+    one = FillMasker(FillMaskConfig(model=model_path, batch_size=4, threads=1))(texts)
+    torch.set_num_threads(before)
+    ref = fill([normalize_masks(t, "[MASK]") for t in texts], batch_size=8)
+    for o, s, r in zip(ours, one, ref, strict=True):
+        assert_same(o, r)
+        assert_same(o, s)
+
+
 def test_lowercase_mask_needs_normalising(model_path, fill):
     fm = FillMasker(FillMaskConfig(model=model_path))
     # the uncased tokenizer splits "[mask]" into "[", "mask", "]" -- the pipeline finds no mask there
