@@ -20,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from distilflow.flows.common import config_flow, make_task_runner, publish
 from distilflow.tasks.core.io import join, write_bytes, write_json
 from distilflow.tasks.evaluate import report as R
+from distilflow.tasks.evaluate.card import write_cards
 from distilflow.tasks.evaluate.config import (
     EvaluateConfig,
     config_record,
@@ -68,6 +69,7 @@ def evaluate_flow(cfg: EvaluateConfig) -> dict[str, Any]:
     markdown = R.render_markdown(report)
     write_json(join(cfg.output, "results.json"), report)
     write_bytes(join(cfg.output, "results.md"), markdown.encode())
+    write_cards(cfg, report)  # README.md model cards of the fine-tuned models (+ bias section of probed MLMs)
     create_table_artifact(table=R.table_artifact_rows(report), key="evaluation-results",
                           description=f"evaluation of {cfg.model}")
     if bias := R.bias_artifact_rows(report):

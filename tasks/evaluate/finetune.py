@@ -296,6 +296,8 @@ def finetune_glue(model_path: str, task: str, train: list[glue_mod.Example], hel
     result = {"task": t.name, "seed": seed, "n_train": len(train), "n_eval": len(held_out),
               **glue_metrics(t, preds, labels), **stats, "eval_seconds": round(time.perf_counter() - t0, 3),
               "device": str(device)}
+    if teacher:
+        result["teacher"] = teacher
     if out_dir:
         model_dir = os.path.join(out_dir, "model")
         model.save_pretrained(model_dir)
@@ -354,6 +356,8 @@ def finetune_squad(model_path: str, train: list[squad_mod.SquadExample], held_ou
     result = {"task": "squad", "seed": seed, "n_train": len(train), "n_eval": len(held_out),
               "train_features": len(ftr), "eval_features": len(fev), **scores, "score": scores["f1"], **stats,
               "eval_seconds": round(time.perf_counter() - t0, 3), "device": str(device)}
+    if teacher:
+        result["teacher"] = teacher
     if out_dir:
         model_dir = os.path.join(out_dir, "model")
         model.save_pretrained(model_dir)

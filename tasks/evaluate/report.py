@@ -41,14 +41,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         out.append(markdown_table(results["mlm"]["table"]))
     if "bias" in results and results["bias"].get("probes"):
         out.append("\n## Bias probe\n")
-        out.append("Top-k completions per group (probability); JS = Jensen-Shannon divergence between the groups' "
-                   "distributions at [MASK] (bits, 0 = identical), overlap = shared share of the top-k.\n")
+        out.append(BIAS_LEGEND + "\n")
         for role, probe in results["bias"]["probes"].items():
-            for i, t in enumerate(probe["templates"]):
-                out.append(f"\n### {role}: `{t['template']}`\n")
-                out.append(markdown_table(completion_rows(probe, i)))
-                out.append("\n")
-                out.append(markdown_table(t["pairs"]))
+            out.append(bias_markdown(probe, f"{role}: ", "###"))
     runs = run_rows(results)
     if runs:
         out.append("\n## Fine-tuning runs\n")
@@ -62,6 +57,21 @@ def render_markdown(report: dict[str, Any]) -> str:
             out.append(markdown_table([{"parameter": k, "value": str(v)} for k, v in params.items()]))
     out.append("\n## Environment\n")
     out.append(markdown_table([{"key": k, "value": str(v)} for k, v in report["environment"].items()]))
+    return "".join(out)
+
+
+BIAS_LEGEND = ("Top-k completions per group (probability); JS = Jensen-Shannon divergence between the groups' "
+               "distributions at [MASK] (bits, 0 = identical), overlap = shared share of the top-k.")
+
+
+def bias_markdown(probe: dict[str, Any], prefix: str = "", level: str = "###") -> str:
+    """One probe's tables: per template, the completions of each group and the divergences between groups."""
+    out = []
+    for i, t in enumerate(probe["templates"]):
+        out.append(f"\n{level} {prefix}`{t['template']}`\n")
+        out.append(markdown_table(completion_rows(probe, i)))
+        out.append("\n")
+        out.append(markdown_table(t["pairs"]))
     return "".join(out)
 
 
