@@ -145,9 +145,13 @@ def run_prepare(inputs: list[str], out: Path, workers: int, tokenizer: str, rss:
     flow_s = float(m.group(2)) if m else wall
     # the data workers' own CPU (sampled every 0.2 s: the last fraction of a second is missed)
     worker_cpu = sum(v for k, v in cpu_by_process.items() if k.endswith(" worker"))
+    by_role: dict[str, float] = {}
+    for k, v in cpu_by_process.items():
+        role = k.split(" ", 1)[1]
+        by_role[role] = round(by_role.get(role, 0.0) + v, 1)
     result: dict[str, Any] = {"workers": workers, "flow_seconds": flow_s, "wall_seconds": wall,
                               "cpu_seconds_all_processes": cpu_s, "cpu_seconds_worker_processes": worker_cpu,
-                              "steal_seconds": steal}
+                              "cpu_seconds_by_role": by_role, "steal_seconds": steal}
     if rss:
         result["peak_rss_gib"] = peak[0] / 2**30
         result["peak_rss_mib_by_process"] = {k: round(v / 2**20) for k, v in sorted(per_process.items())}
@@ -163,6 +167,29 @@ def _role(p: psutil.Process) -> str:
     return "cli" if "distilflow" in cmd else p.name()
 
 
+def startup(runs: int, work: Path, tokenizer: str) -> None:
+    """The fixed cost of one command: ``distilflow prepare`` on the embedded demo corpus (0.1 MB), whole
+    process (Python start, imports, Prefect's temporary server, flow bookkeeping) minus the flow's own
+    seconds, ``runs`` times."""
+    from distilflow.tasks.prepare.demo_corpus import write_demo_corpus
+
+    train, _ = write_demo_corpus(str(work / "demo-corpus"))
+    env = {**os.environ, "DISTILFLOW_PROGRESS": "0"}
+    for i in range(runs):
+        cmd = [sys.executable, "-m", "distilflow.cli", "prepare", "--input", *train, "--output",
+               str(work / "demo-prep"), "--tokenizer", tokenizer, "--max-seq-len", "64", "--overwrite"]
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        wall = time.perf_counter() - t0
+        m = re.search(r"in ([\d.]+) s;", out)
+        flow_s = float(m.group(1)) if m else float("nan")
+        print(f"start-up run {i + 1}: whole process {wall:.1f} s, in the flow {flow_s:.1f} s, "
+              f"fixed cost {wall - flow_s:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "distilflow.cli", "prepare", "--help"], capture_output=True, check=True)
+    print(f"distilflow prepare --help: {time.perf_counter() - t0:.2f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mb", type=int, default=64)
@@ -172,8 +199,13 @@ def main() -> None:
     ap.add_argument("--skip-baseline", action="store_true", help="memory runs: skip the encode_batch baseline")
     ap.add_argument("--workdir", default=str(REPO / "bench-out"))
     ap.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "bert-base-uncased"))
+    ap.add_argument("--startup", type=int, default=0, metavar="N",
+                    help="only measure the fixed cost of a command: N runs on the embedded demo corpus")
     a = ap.parse_args()
     work = Path(a.workdir)
+    if a.startup:
+        startup(a.startup, work, a.tokenizer)
+        return
     files = make_corpus(work / f"corpus-{a.size_mb}mb", a.size_mb, a.files)
     results = {"size_mb": a.size_mb, "files": a.files, "cpus": os.cpu_count()}
     os.environ["RAYON_NUM_THREADS"] = "1"

@@ -51,6 +51,18 @@ def ends(doc: str, sentences: list[str]) -> set[int]:
     return {e for e in out if e < len(doc)}
 
 
+def inside_quotes(doc: str, pos: int) -> bool:
+    """Is ``pos`` inside double-quoted speech (an odd number of double quotes before it)?"""
+    before = doc[:pos]
+    straight = before.count('"') % 2 == 1
+    curly = before.count("\u201c") > before.count("\u201d")
+    return straight or curly
+
+
+def both_list(ours: list[set[int]], theirs: list[set[int]]) -> list[tuple[int, int]]:
+    return [(i, e) for i, (o, t) in enumerate(zip(ours, theirs, strict=True)) for e in sorted(o & t)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--books", nargs="*", default=None, help="text files (default: the shared Gutenberg books)")
@@ -81,8 +93,19 @@ def main() -> int:
     print(f"agreement (both / either): {both / max(len(only_ours) + len(only_theirs) + both, 1):.4f}; "
           f"ours found by pysbd: {both / max(n_ours, 1):.4f}; pysbd's found by ours: {both / max(n_theirs, 1):.4f}")
     print(f"documents split identically: {same_docs:,} of {len(docs):,} ({same_docs / len(docs):.4f})")
+    # pysbd keeps quoted speech whole; how much of the difference is that?
+    quoted = [(i, e) for i, e in only_ours if inside_quotes(docs[i], e)]
+    outside = [(i, e) for i, e in both_list(ours, theirs) if not inside_quotes(docs[i], e)]
+    n_ours_out = sum(1 for i, o in enumerate(ours) for e in o if not inside_quotes(docs[i], e))
+    n_theirs_out = sum(1 for i, t in enumerate(theirs) for e in t if not inside_quotes(docs[i], e))
+    print(f"of ours that pysbd lacks, inside double quotes: {len(quoted):,} ({len(quoted) / max(len(only_ours), 1):.3f})")
+    print(f"outside quotes: ours {n_ours_out:,}, pysbd {n_theirs_out:,}, both {len(outside):,}; agreement "
+          f"{len(outside) / max(n_ours_out + n_theirs_out - len(outside), 1):.4f}")
     rng = random.Random(a.seed)
-    for title, items in (("only ours split here", only_ours), ("only pysbd split here", only_theirs)):
+    kinds = (("only ours split here, inside quotes", quoted),
+             ("only ours split here, outside quotes", [x for x in only_ours if not inside_quotes(docs[x[0]], x[1])]),
+             ("only pysbd split here", only_theirs))
+    for title, items in kinds:
         print(f"\n{title} ({len(items):,}):")
         for i, e in rng.sample(items, min(a.show, len(items))):
             d = docs[i]

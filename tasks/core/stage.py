@@ -77,8 +77,16 @@ def data_files(stage_url: str, suffix: str = ".parquet") -> list[str]:
 
 
 def is_legacy(stage_url: str) -> bool:
-    """A folder written before the hidden bookkeeping folder (config.json beside the data)."""
-    return exists(join(stage_url, "config.json")) and not exists(config_url(stage_url))
+    """A folder written before the hidden bookkeeping folder: *our* config.json beside the data (a stage
+    record with ``stage`` and ``fingerprint``; a model's or a user's config.json is left alone)."""
+    old = join(stage_url, "config.json")
+    if exists(config_url(stage_url)) or not exists(old):
+        return False
+    try:
+        record = read_json(old)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and {"stage", "fingerprint", "config"} <= set(record)
 
 
 class StageDir:

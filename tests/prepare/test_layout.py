@@ -145,3 +145,15 @@ def test_a_stage_folder_in_use_by_another_config_is_refused(tmp_path):
     StageDir(str(tmp_path), "s", {"a": 1}, "f1").open()
     with pytest.raises(ResumeError, match="fields \\['a'\\] differ"):
         StageDir(str(tmp_path), "s", {"a": 2}, "f2").open()
+
+
+def test_a_foreign_config_json_is_not_taken_for_an_old_layout(tmp_path):
+    """An output folder the user named may hold someone else's config.json (a model's): it stays put."""
+    from distilflow.tasks.core.stage import is_legacy
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.json").write_text('{"model_type": "bert"}')
+    assert not is_legacy(str(tmp_path / "out"))
+    StageDir(str(tmp_path), "out", {"a": 1}, "f1").open()
+    assert (tmp_path / "out" / "config.json").read_text() == '{"model_type": "bert"}'
+    assert (tmp_path / "out" / ".distilflow" / "config.json").exists()

@@ -20,6 +20,10 @@ from distilflow.tasks.prepare.pairs import PAIRS_SCHEMA
 from distilflow.tasks.prepare.shard import CORPUS_SCHEMA
 from tests.conftest import BERT_TOKENIZER, GUTENBERG
 
+# a temporary Prefect server, CLI subprocesses and worker pools: not the fast lane (tests/prepare/test_layout.py
+# runs the same stages without Prefect there)
+pytestmark = pytest.mark.integration
+
 
 def _tree(root: Path) -> dict[str, bytes]:
     """All files under root (relative path -> bytes), for byte-identity checks."""
