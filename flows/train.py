@@ -28,12 +28,12 @@ from tqdm import tqdm
 
 from distilflow.flows.common import config_flow, publish
 from distilflow.tasks.core.io import write_json
-from distilflow.tasks.train.checkpoint import read_metrics
+from distilflow.tasks.train.checkpoint import read_curves_png, read_metrics
 from distilflow.tasks.train.config import DISTILL_DEFAULTS, DISTILL_ONLY, PRETRAIN_ONLY, TrainConfig
 from distilflow.tasks.train.launch import launch_command, resolve_launcher
 from distilflow.tasks.train.loop import train
 from distilflow.tasks.train.metrics import format_line, parse_step
-from distilflow.tasks.train.report import loss_curve_markdown
+from distilflow.tasks.train.report import curves_image_markdown, loss_curve_markdown
 
 
 def _stream(cmd: list[str], on_line: Callable[[str], None], env: dict[str, str]) -> tuple[int, list[str]]:
@@ -94,7 +94,8 @@ def train_task(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         with open(os.path.join(cfg.output, "summary.json")) as f:
             summary = json.load(f)
     update_progress_artifact(progress, progress=100.0)
-    publish(loss_curve_markdown(cfg, read_metrics(cfg.output), summary), key=f"{cfg.mode}-loss-curves",
+    publish(loss_curve_markdown(cfg, read_metrics(cfg.output), summary)
+            + curves_image_markdown(read_curves_png(cfg.output)), key=f"{cfg.mode}-loss-curves",
             description=f"{cfg.mode} loss curves and held-out accuracy")
     return summary
 

@@ -137,9 +137,25 @@ class RunDir:
         tokenizer.save_pretrained(self.path)
         write_json(self.summary_path, summary)
 
-    def write_text(self, name: str, text: str) -> None:
-        with open(os.path.join(self.path, name), "w", encoding="utf-8") as f:
-            f.write(text)
+    def save_card(self, card: Any, curves_png: bytes | None) -> None:
+        """Rank 0: ``curves.png`` and the model card ``README.md`` that shows it (each written atomically)."""
+        if curves_png:
+            _atomic_write(os.path.join(self.path, "curves.png"), curves_png)
+        _atomic_write(os.path.join(self.path, "README.md"), card.render().encode())
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def read_curves_png(output: str) -> bytes | None:
+    path = os.path.join(output, "curves.png")
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def read_metrics(output: str, evals: bool = False) -> list[dict[str, Any]]:

@@ -117,8 +117,10 @@ def launch_command(config_json: str, nproc_per_node: int, torchrun: bool = True)
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m distilflow.tasks.train pretrain|distill [options] | run CONFIG_JSON``."""
+    from distilflow.tasks.core.terminal import configure, verbose
     from distilflow.tasks.train.loop import train
 
+    configure(verbose())  # no library bars / load reports here either (torchrun children inherit the CLI's)
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)

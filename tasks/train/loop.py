@@ -25,7 +25,7 @@ from transformers import AutoTokenizer
 
 from distilflow.tasks.core.io import join
 from distilflow.tasks.prepare.masking import Vocab
-from distilflow.tasks.train.checkpoint import RunDir
+from distilflow.tasks.train.checkpoint import RunDir, read_metrics
 from distilflow.tasks.train.config import TrainConfig
 from distilflow.tasks.train.data import heldout_batches, training_batches
 from distilflow.tasks.train.heldout import evaluate_mlm
@@ -33,6 +33,7 @@ from distilflow.tasks.train.launch import Dist, autocast_for, peak_flops, setup_
 from distilflow.tasks.train.metrics import Reporter, Window
 from distilflow.tasks.train.objectives import build_objective
 from distilflow.tasks.train.optim import make_optimizer
+from distilflow.tasks.train.report import model_card, plot_curves
 
 OnLog = Callable[[dict[str, Any]], None]
 
@@ -110,11 +111,14 @@ def train(cfg: TrainConfig, on_log: OnLog | None = None, stop_after: int = 0) ->
         summary = {"mode": cfg.mode, "fingerprint": cfg.fingerprint_for_resume(), "steps": total,
                    "resumed_from": start, "parameters": sum(p.numel() for p in model.parameters()),
                    "world_size": d.world, "mask_source": source, "sequences": len(batches.ex),
-                   "steps_per_epoch": batches.steps_per_epoch, "last": history[-1] if history else None}
+                   "steps_per_epoch": batches.steps_per_epoch, "tokens": window.seen * d.world,
+                   "last": history[-1] if history else None}
         if eval_set is not None:
             summary.update(final_eval(objective, eval_set, d, amp, tokenizer))
             report({"step": total, **_prefixed(summary["eval"])})
         run.save_final(model, tokenizer, summary)
+        png = plot_curves(read_metrics(cfg.output), read_metrics(cfg.output, evals=True), f"{cfg.mode}: {cfg.output}")
+        run.save_card(model_card(cfg, summary, summary["parameters"], objective.architecture(), png is not None), png)
     d.barrier()
     return summary
 

@@ -32,6 +32,7 @@ class Window:
     """Running sums of one logging interval (rank-local until :meth:`record`)."""
 
     def __init__(self) -> None:
+        self.seen = 0  # non-padding tokens of the whole run (this rank; never reset)
         self.reset()
 
     def reset(self) -> None:
@@ -43,6 +44,7 @@ class Window:
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + v.float() / n_micro
         self.tokens += tokens
+        self.seen += tokens
         self.flops += flops
 
     def end_step(self, grad_norm: torch.Tensor) -> None:

@@ -42,6 +42,8 @@ class PretrainObjective(nn.Module):
     """BERT MLM + NSP. The vocabulary projection runs on the masked positions only (15% of the tokens),
     not on every position as ``BertForPreTraining.forward`` does."""
 
+    model: Any  # BertForPreTraining (typed Any: nn.Module attribute access is untyped for mypy)
+
     def __init__(self, model: BertForPreTraining, mlm_prob: float):
         super().__init__()
         self.model, self.mlm_prob = model, mlm_prob
@@ -87,6 +89,9 @@ class DistillObjective(nn.Module):
     The teacher is not a submodule: it is not trained, so DDP must not broadcast or track it and the
     objective's parameters are the student's only.
     """
+
+    model: Any  # DistilBertForMaskedLM
+    teacher: Any  # BertForMaskedLM
 
     def __init__(self, student: nn.Module, teacher: Any, cfg: TrainConfig):
         super().__init__()

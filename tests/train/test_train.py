@@ -7,6 +7,7 @@ few dozen steps on CPU.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -18,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, pipeline
 
@@ -111,6 +113,13 @@ def test_pretrain_loss_decreases_and_model_loads(teacher):
     assert (teacher / "checkpoints" / "step-00000040" / "model.safetensors").exists()
     fill = pipeline("fill-mask", model=str(teacher))  # no project code involved
     assert len(fill("the queen said [MASK] to alice.")) == 5
+    card = ModelCard.load(teacher / "README.md")  # the model card: Hub metadata and held-out result
+    assert card.data.eval_results[0].metric_value == round(summary["eval"]["accuracy"], 4)
+    assert card.data.base_model is None and "pretraining" in card.data.tags
+    assert '"model": "tiny"' in card.text  # the config of record
+    if importlib.util.find_spec("matplotlib"):  # a dependency; an environment from an older lock lacks it
+        assert "![training curves](curves.png)" in card.text
+        assert (teacher / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_distill_loss_decreases_and_student_loads(tmp_path, prepared, heldout, teacher):
@@ -127,6 +136,10 @@ def test_distill_loss_decreases_and_student_loads(tmp_path, prepared, heldout, t
     fill = pipeline("fill-mask", model=str(out))
     preds = fill("it was the best of [MASK].")
     assert len(preds) == 5 and all(p["token_str"] for p in preds)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == str(teacher) and "distillation" in card.data.tags
+    assert card.data.eval_results[0].metric_value == round(summary["eval"]["accuracy"], 4)
+    assert "| teacher |" in card.text  # the student beside its teacher
 
 
 def test_student_starts_from_teacher_layers(tmp_path, prepared, teacher):
@@ -228,8 +241,10 @@ def test_cli_flows_inprocess_and_torchrun(tmp_path, prepared, teacher, prefect_t
     saved = TrainConfig.from_dict(json.loads((tmp_path / "s" / "train_config.json").read_text()))
     assert saved.lr == 5e-4 and saved.mlm_smoothing == 0.7  # DistilBERT defaults on the CLI
     with get_client(sync_client=True) as client:
-        keys = {a.key for a in client.read_artifacts()}
-    assert {"pretrain-loss-curves", "distill-loss-curves"} <= keys
+        arts = {a.key: a for a in client.read_artifacts()}
+    assert {"pretrain-loss-curves", "distill-loss-curves"} <= set(arts)
+    if importlib.util.find_spec("matplotlib"):  # the curves, embedded so that the UI shows them
+        assert "](data:image/png;base64," in arts["distill-loss-curves"].data
     # bad input: one clear line, exit code 2
     assert main(["distill", *common, "--output", str(tmp_path / "x"), "--teacher", str(tmp_path / "nope")]) == 2
 
