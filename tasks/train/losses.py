@@ -162,8 +162,8 @@ class _FusedHeadLosses(torch.autograd.Function):
                 gm[torch.arange(len(y), device=dev), y] -= 1.0  # softmax - onehot
                 g.index_add_(0, rows, gm, alpha=alpha_mlm / m / out_scale)
             gm_ = g.to(mm)
-            gz[i: i + chunk].addmm_(gm_, wc, beta=0, alpha=out_scale)  # [c, H]
-            gw.addmm_(gm_.t(), zc, alpha=out_scale)  # [V, H], summed in place
+            _add_matmul(gz[i: i + chunk], gm_, wc, out_scale)  # [c, H]
+            _add_matmul(gw, gm_.t(), zc, out_scale)  # [V, H], summed in place
             gb.add_(g.sum(0), alpha=out_scale)  # [V]
         ctx.save_for_backward(gz, gw, gb)
         ctx.dtypes = (z.dtype, w.dtype, b.dtype)
@@ -177,6 +177,14 @@ class _FusedHeadLosses(torch.autograd.Function):
         (zd, wd, bd), need = ctx.dtypes, ctx.needs_input_grad
         return ((gz * d_loss).to(zd) if need[0] else None, (gw * d_loss).to(wd) if need[1] else None,
                 (gb * d_loss).to(bd) if need[2] else None, *([None] * 8))
+
+
+def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    """``out += alpha * a @ b`` into the fp32 accumulator (in place when ``a``, ``b`` are fp32 too)."""
+    if a.dtype == out.dtype:
+        out.addmm_(a, b, alpha=alpha)
+    else:  # bf16 operands (CUDA autocast): the product in bf16, accumulated in fp32
+        out.add_((a @ b).float(), alpha=alpha)
 
 
 def _matmul_dtype(z: torch.Tensor) -> torch.dtype:

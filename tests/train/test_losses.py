@@ -125,3 +125,14 @@ def test_fused_head_losses_edge_cases():
     assert zz.grad is not None and not zz.grad.any()
     same = fused_head_losses(z, w, b, z, w, b, labels, 2.0)  # student == teacher: no KL
     assert abs(same.kl.item()) < 1e-6
+
+
+def test_fused_head_losses_in_bf16_accumulate_in_fp32():
+    """The low-precision path (what CUDA autocast gives): bf16 matmuls, fp32 softmax and accumulators."""
+    (z, w, b, zt, wt, bt), labels = _head_case(3)
+    ref = fused_head_losses(z.clone().requires_grad_(True), w, b, zt, wt, bt, labels, 2.0)
+    zb = z.bfloat16().requires_grad_(True)
+    lo = fused_head_losses(zb, w.bfloat16(), b.bfloat16(), zt.bfloat16(), wt.bfloat16(), bt.bfloat16(), labels, 2.0)
+    lo.loss.backward()
+    assert lo.loss.dtype == torch.float32 and zb.grad is not None and zb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(lo.loss, ref.loss.detach(), rtol=0.05, atol=0.05)
