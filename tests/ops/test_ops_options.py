@@ -230,3 +230,16 @@ def test_server_command_runs_the_fleet_with_every_option(tmp_path):
         assert w["argv"][w["argv"].index("--limit") + 1] == ("1" if name.startswith("gpu") else "4")
     assert by_kind["gpu-worker-0"]["env"]["CUDA_VISIBLE_DEVICES"] == "0"
     assert (tmp_path / "logs" / "server.log").exists()
+
+
+def test_doctor_command_hands_every_option_to_the_flow(prefect_test_harness_session, tmp_path, capsys):
+    import torch
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["doctor", "--storage", str(a), str(b)]) == 0
+    out = capsys.readouterr().out
+    assert f"  {a}: write" in out and f"  {b}: write" in out  # both URLs were probed by the flow
+    if not torch.cuda.is_available():
+        assert main(["doctor", "--require-gpu"]) == 2
+        err = capsys.readouterr().err
+        assert "distilflow doctor: error: " in err and "no CUDA device visible (require_gpu=True)" in err
