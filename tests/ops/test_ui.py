@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from distilflow.flows.common import _fmt
 from distilflow.tasks.core.io import read_json
+from distilflow.tasks.core.markdown import fmt_cell as _fmt
 from tests.conftest import REPO
 from tests.prefect_server import prefect_server, run_artifacts
 
