@@ -94,9 +94,12 @@ def write_inputs(out: Path) -> None:
     (out / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in qa))
 
 
-def run_all(site: Path | None, out: Path, only: set[str], log: Path, models: Path | None = None) -> dict[str, int]:
+def run_all(site: Path | None, out: Path, only: set[str], log: Path, models: Path | None = None,
+            data: Path | None = None) -> dict[str, int]:
     """``models``: run the infer commands with the models trained under that folder (the reference run's), so
-    inference is compared on the same weights even when training changed."""
+    inference is compared on the same weights even when training changed. ``data``: the prepared folder the
+    train commands read instead of this run's own (the reference run's, migrated), so training is compared on
+    the same data even when prepare's output changed on purpose."""
     write_inputs(out)
     env = {**os.environ, "DISTILFLOW_PROGRESS": "0", "PYTHONHASHSEED": "0"}
     if site is not None:
@@ -111,6 +114,8 @@ def run_all(site: Path | None, out: Path, only: set[str], log: Path, models: Pat
                     continue
                 argv = [str(models / Path(a).relative_to(out)) if i and argv[i - 1] == "--model" else a
                         for i, a in enumerate(argv)]
+            if data is not None and group == "train":
+                argv = [str(data) if i and argv[i - 1] == "--data" else a for i, a in enumerate(argv)]
             if argv[0] == "python":
                 cmd = [sys.executable, "-c", argv[1]]
             else:
@@ -146,6 +151,16 @@ def data_files(root: Path) -> dict[str, Path]:
             rel = canonical("/" + p.relative_to(root).as_posix())[1:]
             out[rel.replace("/.", "/")] = p
     return out
+
+
+def migrated_copy(prepared: Path, dest: Path) -> Path:
+    """A copy of a prepared folder of the old layout, migrated to this checkout's (renames only)."""
+    from distilflow.tasks.core.stage import migrate_legacy
+
+    shutil.copytree(prepared, dest)
+    for stage in ("corpus", "pairs", "masked"):
+        migrate_legacy(str(dest / stage))
+    return dest
 
 
 def losses(path: Path) -> list[dict]:
@@ -190,6 +205,10 @@ def main() -> int:
     ap.add_argument("--infer-on-ref-models", action="store_true",
                     help="run this checkout's fill-mask/qa/embed with the models the reference commit trained, and "
                     "compare only their outputs: inference alone, even while training changes its numbers")
+    ap.add_argument("--train-on-ref-data", action="store_true",
+                    help="run this checkout's pretrain/distill (and fill-mask/qa/embed) on the data the reference "
+                    "commit prepared (migrated to the new folder layout) and compare only their outputs: training "
+                    "alone, even while prepare's output changes on purpose (sentence splitter v2, issue 13)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     if "infer" in only or "train" in only:
@@ -206,12 +225,15 @@ def main() -> int:
     ref_codes = run_all(site, work / "out-ref", only, log)
     print("running with this checkout:", flush=True)
     models = work / "out-ref" if args.infer_on_ref_models else None
-    new_codes = run_all(None, work / "out-new", {"infer"} if models else only, log, models)
-    bad = sum(1 for k in ref_codes if ref_codes[k] != new_codes.get(k, ref_codes[k] if models else None))
+    data = migrated_copy(work / "out-ref" / "prep-w1", work / "ref-data") if args.train_on_ref_data else None
+    new_only = {"infer"} if models else (only - {"prepare"}) if data else only
+    new_codes = run_all(None, work / "out-new", new_only, log, models, data)
+    bad = sum(1 for k in ref_codes if ref_codes[k] != new_codes.get(k, ref_codes[k] if models or data else None))
     if bad:
         print(f"{bad} command(s) exited differently: ref {ref_codes} new {new_codes}")
     print("comparing:")
-    bad += compare(work / "out-ref", work / "out-new", ("fm/", "emb/", "qa/") if models else ())
+    under = ("fm/", "emb/", "qa/") if models else ("teacher/", "student", "fm/", "emb/", "qa/") if data else ()
+    bad += compare(work / "out-ref", work / "out-new", under)
     print("IDENTICAL" if not bad else f"{bad} DIFFERENCE(S)")
     if not args.keep and not args.work:
         shutil.rmtree(work, ignore_errors=True)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 from collections import Counter
 from typing import Any
 
@@ -203,8 +204,16 @@ def migrate_legacy(stage_url: str) -> bool:
         if str(m.get("errors_file") or "").startswith("_errors/"):
             m["errors_file"] = f"{META}/errors/" + m["errors_file"].removeprefix("_errors/")
             write_json(url, m)
-    # pairs/token_counts.parquet (a second schema among the pairs) is rebuilt in token_counts/ by the stage
-    remove(join(stage_url, "token_counts.parquet"))
+    # pairs/token_counts.parquet (a second schema among the pairs) moves to its own folder DIR/token_counts/
+    old_counts = join(stage_url, "token_counts.parquet")
+    if exists(old_counts):
+        dest = token_counts_url(posixpath.dirname(stage_url.rstrip("/")) if "://" in stage_url
+                                else os.path.dirname(stage_url.rstrip(os.sep)))
+        if is_local(stage_url):
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            os.replace(old_counts, dest)
+        else:
+            fs.mv(old_counts, dest)
     return True
 
 

@@ -157,3 +157,17 @@ def test_a_foreign_config_json_is_not_taken_for_an_old_layout(tmp_path):
     StageDir(str(tmp_path), "out", {"a": 1}, "f1").open()
     assert (tmp_path / "out" / "config.json").read_text() == '{"model_type": "bert"}'
     assert (tmp_path / "out" / ".distilflow" / "config.json").exists()
+
+
+def test_migrating_in_place_keeps_every_file(prepared, tmp_path):
+    """migrate_legacy alone (what a rerun of prepare does first; scripts/compare_with_commit.py uses it on
+    data an earlier commit prepared): the old folder becomes exactly the new layout, minus the card."""
+    from distilflow.tasks.core.stage import migrate_legacy
+    from distilflow.tasks.train.data import load_token_weights
+
+    old = tmp_path / "old"
+    shutil.copytree(prepared, old)
+    _to_old_layout(old)
+    assert all(migrate_legacy(str(old / s)) for s in ("corpus", "pairs", "masked"))
+    assert _tree(old) == {k: v for k, v in _tree(prepared).items() if k != "README.md"}
+    assert load_token_weights(str(old), 30522, 0.7) is not None
