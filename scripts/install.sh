@@ -45,6 +45,7 @@ fi
   2> >(grep -v "is neither a file nor a directory" >&2)
 # the package itself, editable; its build backend (setuptools) is in the lock, so no isolated build env
 .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
-.venv/bin/python -m pip check >&2
+.venv/bin/python -m pip check >&2 ||
+  { echo "install.sh: $LOCK does not satisfy pyproject.toml (a dependency added without re-locking?): run 'make lock'" >&2; exit 1; }
 { if [ "$SET" = dev ]; then stamp_of runtime requirements.lock; fi; echo "$want"; } > "$STAMP"
 echo "install.sh: $SET set installed in $(( $(date +%s) - t0 )) s: $(.venv/bin/distilflow --version)" >&2

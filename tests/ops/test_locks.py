@@ -91,4 +91,4 @@ def test_every_runtime_dependency_is_locked(locks):
     for dep in project["dependencies"]:
         name = _norm(re.split(r"[<>=!~\[ ;]", dep)[0])
         for lock in ("requirements.lock", "requirements-cuda.lock"):
-            assert name in locks[lock], (name, lock)
+            assert name in locks[lock], f"{name} is in pyproject.toml but not in {lock}: run `make lock`"
