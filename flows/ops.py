@@ -88,7 +88,7 @@ def run_doctor(cfg: DoctorConfig) -> int:
     result = doctor_flow(**cfg.to_dict())
     env = result["environment"]
     print(f"{env['host']}: python {env['python']}, torch {env['torch']}, {env['cpus']} CPUs, "
-          f"{len(env['gpus'])} GPU(s)")
+          f"{len(env['gpus'])} GPU(s); cache {env['cache']} ({env['cache_free_gib']} GiB free)")
     for p in result["storage"]:
         print(f"  {p['url']}: write {p['write_ms']:.0f} ms, read {p['read_ms']:.0f} ms")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -160,12 +161,19 @@ def environment_report() -> dict[str, Any]:
     """Versions and devices of this worker, for the doctor artifact and for bug reports."""
     import torch
 
+    from distilflow.tasks.core.remote import cache_root
+
+    cache = cache_root()
+    probe = next((p for p in (cache, *cache.parents) if p.exists()), Path("/"))
     report: dict[str, Any] = {
         "host": platform.node(),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "cpus": os.cpu_count() or 1,
         "cuda": torch.cuda.is_available(),
+        # where s3:// models are cached and remote outputs are staged ($DISTILFLOW_CACHE), and its free space
+        "cache": str(cache),
+        "cache_free_gib": round(shutil.disk_usage(probe).free / 2**30, 1),
         "gpus": [],
     }
     if torch.cuda.is_available():

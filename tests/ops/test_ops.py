@@ -81,6 +81,7 @@ def test_doctor_flow_reports_storage_and_refuses_missing_gpu(prefect_test_harnes
 
     result = doctor_flow(storage=[str(tmp_path)])
     assert result["environment"]["torch"] == torch.__version__
+    assert result["environment"]["cache_free_gib"] > 0 and result["environment"]["cache"]
     assert [p["url"] for p in result["storage"]] == [str(tmp_path)]
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="no CUDA device"):
