@@ -282,6 +282,43 @@ def write_parquet(table: pa.Table, url: str, row_group_size: int = 8192) -> None
         pq.write_table(table, f, row_group_size=row_group_size, **PARQUET_WRITE_OPTS)
 
 
+class ParquetRowGroups:
+    """Write a Parquet file table by table, holding at most one row group of rows: the same bytes as
+    ``write_parquet(concat_tables(tables), url, row_group_size)`` (row groups are cut at the same rows),
+    without the whole table in memory. Atomic like :func:`write_parquet`; use as a context manager."""
+
+    def __init__(self, url: str, schema: pa.Schema, row_group_size: int = 8192):
+        self.url, self.schema, self.size = url, schema, row_group_size
+        self.rows = 0
+
+    def __enter__(self) -> ParquetRowGroups:
+        self._file_cm = atomic_open(self.url, "wb")
+        self._writer = pq.ParquetWriter(self._file_cm.__enter__(), self.schema, **PARQUET_WRITE_OPTS)
+        self._buf: list[pa.Table] = []
+        self._n = 0
+        return self
+
+    def add(self, table: pa.Table) -> None:
+        self._buf.append(table)
+        self._n += table.num_rows
+        self.rows += table.num_rows
+        if self._n >= self.size:
+            big = pa.concat_tables(self._buf)
+            full = self._n - self._n % self.size
+            self._writer.write_table(big.slice(0, full), row_group_size=self.size)
+            self._buf, self._n = [big.slice(full)], self._n - full
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if exc[0] is None and (self._n or not self.rows):  # an empty table still gets its one row group
+                self._writer.write_table(pa.concat_tables(self._buf) if self._buf else self.schema.empty_table(),
+                                         row_group_size=self.size)
+            self._writer.close()
+        finally:
+            self._buf = []
+            self._file_cm.__exit__(*exc)
+
+
 def read_parquet(url: str, columns: list[str] | None = None) -> pa.Table:
     with fsspec.open(url, "rb") as f:
         return pq.read_table(f, columns=columns)

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from distilflow.tasks.core.config import Config, require
-from distilflow.tasks.core.io import iter_parquet_batches, join, release_memory, write_parquet
+from distilflow.tasks.core.io import ParquetRowGroups, iter_parquet_batches, join, release_memory
 from distilflow.tasks.core.rng import derive_rng
 from distilflow.tasks.core.stage import StageDir
 from distilflow.tasks.prepare.masking import IGNORE_INDEX, MaskConfig, Vocab, mask_flat, smoothing_weights
@@ -54,16 +54,15 @@ def mask_part(pairs_url: str, key: str, stage: StageDir, cfg: MaskStageConfig,
     if mcfg.smoothing > 0:
         weights = smoothing_weights(read_token_counts(stage.root, vocab.size), mcfg.smoothing)
     counts: Counter[str] = Counter()
-    tables: list[pa.Table] = []
-    for dupe in range(cfg.dupe_factor):
-        rng = derive_rng(cfg.seed, "mask", key, dupe)
-        for batch in iter_parquet_batches(pairs_url, batch_size=8192):
-            tables.append(mask_batch(batch, vocab, mcfg, rng, weights, counts))
-    table = pa.concat_tables(tables) if tables else MASKED_SCHEMA.empty_table()
     name = f"{key}.parquet"
-    write_parquet(table, join(stage.url, name))
+    # batch by batch into the file (the same bytes as one table written at the end, a batch in memory)
+    with ParquetRowGroups(join(stage.url, name), MASKED_SCHEMA) as out:
+        for dupe in range(cfg.dupe_factor):
+            rng = derive_rng(cfg.seed, "mask", key, dupe)
+            for batch in iter_parquet_batches(pairs_url, batch_size=8192):
+                out.add(mask_batch(batch, vocab, mcfg, rng, weights, counts))
     tokens = int(counts["tokens"])
-    stats = {"files": [{"file": name, "rows": table.num_rows, "tokens": tokens}], "counts": dict(counts),
+    stats = {"files": [{"file": name, "rows": out.rows, "tokens": tokens}], "counts": dict(counts),
              "skipped": {}}
     stage.mark_done(key, stats)
     release_memory()

@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from distilflow.tasks.core.config import Config, require
-from distilflow.tasks.core.io import join, read_parquet, release_memory, write_parquet
+from distilflow.tasks.core.io import ParquetRowGroups, join, read_parquet, release_memory, write_parquet
 from distilflow.tasks.core.rng import derive_rng
 from distilflow.tasks.core.stage import StageDir, token_counts_url
 from distilflow.tasks.prepare.masking import Vocab
@@ -556,38 +556,43 @@ def pairs_part(corpus_url: str, key: str, neighbour_url: str | None, stage: Stag
     tok = encoder_for(info.path)
     rng = derive_rng(cfg.seed, "pairs", key)
     counts: Counter[str] = Counter()
-    tables = []
-    # A part is processed in chunks of ~CHUNK_DOCS documents (whole Parquet row groups): memory stays
-    # a few tens of MB whatever the part size; random B documents come from the same chunk.
-    for chunk in _doc_chunks(corpus_url):
-        part = TokenizedPart(chunk, tok)
-        borrow = None
-        if cfg.nsp and sum(1 for s in part.doc_sents if s) < 2 and neighbour_url:
-            borrow = TokenizedPart(neighbour_url, tok)
-        pairs, c = make_pairs(part, cfg, rng, info.cls_id, info.sep_id, borrow)
-        counts.update(c)
-        counts["empty_sentences"] += part.empty_sentences
-        counts["sentences"] += len(part.offsets) - 1
-        counts["documents"] += len(part.doc_ids)
-        tables.append(pairs.table())
-        del pairs, part, borrow
-    table = pa.concat_tables(tables) if tables else PAIRS_SCHEMA.empty_table()
-    del tables
+    bins = np.zeros(info.vocab_size, dtype=np.int64)  # token frequencies, for frequency-smoothed masking
     name = f"{key}.parquet"
-    write_parquet(table, join(stage.url, name))
-    # Token frequencies (for frequency-smoothed masking), only non-zero entries.
-    flat = table.column("input_ids").combine_chunks().values.to_numpy()
-    n_tokens = len(flat)
-    bins = np.bincount(flat, minlength=info.vocab_size)
+    # A part is processed in chunks of ~CHUNK_DOCS documents (whole Parquet row groups): memory stays
+    # a few tens of MB whatever the part size; random B documents come from the same chunk. Each chunk's
+    # pairs are written as they come (the same bytes as one table written at the end).
+    with ParquetRowGroups(join(stage.url, name), PAIRS_SCHEMA) as out:
+        for chunk in _doc_chunks(corpus_url):
+            part = TokenizedPart(chunk, tok)
+            borrow = None
+            if cfg.nsp and sum(1 for s in part.doc_sents if s) < 2 and neighbour_url:
+                borrow = TokenizedPart(neighbour_url, tok)
+            pairs, c = make_pairs(part, cfg, rng, info.cls_id, info.sep_id, borrow)
+            counts.update(c)
+            counts["empty_sentences"] += part.empty_sentences
+            counts["sentences"] += len(part.offsets) - 1
+            counts["documents"] += len(part.doc_ids)
+            table = pairs.table()
+            out.add(table)
+            bins = _add_counts(bins, np.bincount(table.column("input_ids").combine_chunks().values.to_numpy()))
+            del pairs, part, borrow, table
+    n_tokens = int(bins.sum())
     nz = np.flatnonzero(bins)
     counts_table = pa.Table.from_arrays([pa.array(nz.astype(np.int32)), pa.array(bins[nz].astype(np.int64))],
                                         schema=COUNTS_SCHEMA)
     write_parquet(counts_table, stage.meta("counts", name))
-    stats = {"files": [{"file": name, "rows": table.num_rows, "tokens": n_tokens}], "counts": dict(counts),
+    stats = {"files": [{"file": name, "rows": out.rows, "tokens": n_tokens}], "counts": dict(counts),
              "skipped": {}, "input": corpus_url.rsplit("/", 1)[-1]}
     stage.mark_done(key, stats)
     release_memory()
     return stats
+
+
+def _add_counts(total: np.ndarray, more: np.ndarray) -> np.ndarray:
+    if len(more) > len(total):  # an id beyond the vocabulary size (never from a consistent tokenizer)
+        total = np.concatenate([total, np.zeros(len(more) - len(total), dtype=np.int64)])
+    total[: len(more)] += more
+    return total
 
 
 def merge_token_counts(stage: StageDir, keys: list[str], vocab_size: int) -> np.ndarray:

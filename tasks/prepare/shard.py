@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from distilflow.tasks.core.config import Config, require
-from distilflow.tasks.core.io import file_size, join, open_input, release_memory, write_parquet
+from distilflow.tasks.core.io import ParquetRowGroups, file_size, join, open_input, release_memory
 from distilflow.tasks.core.readers import BadRecord, detect_format, iter_lines, iter_records
 from distilflow.tasks.core.stage import StageDir
 from distilflow.tasks.prepare.sentences import SPLITTER_VERSION, normalize_whitespace, split_sentences
@@ -100,6 +101,7 @@ def iter_documents(unit: ShardUnit, cfg: ShardConfig) -> Iterator[tuple[str, int
         yield BadRecord(unit.url, None, "unreadable_file", f"{type(e).__name__}: {e}")
 
 
+ROW_GROUP_DOCS = 1024  # documents per Parquet row group of a corpus part
 BLOCK_BYTES = 8 << 20  # text read per block by the fast reader
 # A document ends at a line that is empty or whitespace-only. On bytes only ASCII-blank lines are seen:
 # a subset of the boundaries, used only to cut blocks at a safe place (the decoded text is split exactly).
@@ -256,46 +258,64 @@ def shard_file(unit: ShardUnit, stage: StageDir, cfg: ShardConfig) -> dict[str, 
     skipped: Counter[str] = Counter()
     counts: Counter[str] = Counter()
     rows: dict[str, list[Any]] = {"doc_id": [], "source": [], "sentences": []}
-    part_chars = 0
+    part_chars = part_rows = part_sentences = 0
     doc_no = 0
+    writer: ParquetRowGroups | None = None  # the open part: rows go in 1,024 at a time (its row groups)
 
-    def flush() -> None:
-        nonlocal rows, part_chars
+    def add_rows() -> None:
+        nonlocal rows, writer
         if not rows["doc_id"]:
             return
-        name = f"part-{unit.key}-{len(files):04d}.parquet"
-        table = pa.Table.from_pydict(rows, schema=CORPUS_SCHEMA)
-        write_parquet(table, join(stage.url, name), row_group_size=1024)
-        n_sent = sum(len(s) for s in rows["sentences"])
-        files.append({"file": name, "rows": table.num_rows, "sentences": n_sent, "chars": part_chars, "tokens": 0})
+        if writer is None:
+            writer = ParquetRowGroups(join(stage.url, f"part-{unit.key}-{len(files):04d}.parquet"), CORPUS_SCHEMA,
+                                      row_group_size=ROW_GROUP_DOCS).__enter__()
+        writer.add(pa.Table.from_pydict(rows, schema=CORPUS_SCHEMA))
         rows = {"doc_id": [], "source": [], "sentences": []}
-        part_chars = 0
 
-    for item in iter_documents(unit, cfg):
-        if isinstance(item, BadRecord):
-            if item.reason == "doc_split_too_long":
-                counts["documents_split"] += 1
+    def flush() -> None:
+        nonlocal writer, part_chars, part_rows, part_sentences
+        add_rows()
+        if writer is None:
+            return
+        writer.__exit__(None, None, None)
+        files.append({"file": writer.url.rsplit("/", 1)[-1], "rows": part_rows, "sentences": part_sentences,
+                      "chars": part_chars, "tokens": 0})
+        writer, part_chars, part_rows, part_sentences = None, 0, 0, 0
+
+    try:
+        for item in iter_documents(unit, cfg):
+            if isinstance(item, BadRecord):
+                if item.reason == "doc_split_too_long":
+                    counts["documents_split"] += 1
+                    continue
+                skipped[item.reason] += 1
+                bad.append(item.to_dict() | {"message": item.message()})
                 continue
-            skipped[item.reason] += 1
-            bad.append(item.to_dict() | {"message": item.message()})
-            continue
-        text, _line = item
-        sentences = to_sentences(text, cfg)
-        if not sentences:
-            skipped["empty_document"] += 1
-            continue
-        rows["doc_id"].append(f"{unit.rel}#{doc_no}")
-        rows["source"].append(unit.url)
-        rows["sentences"].append(sentences)
-        doc_no += 1
-        chars = sum(len(s) for s in sentences)
-        part_chars += chars
-        counts["documents"] += 1
-        counts["sentences"] += len(sentences)
-        counts["chars"] += chars
-        if part_chars >= cfg.part_bytes:
-            flush()
-    flush()
+            text, _line = item
+            sentences = to_sentences(text, cfg)
+            if not sentences:
+                skipped["empty_document"] += 1
+                continue
+            rows["doc_id"].append(f"{unit.rel}#{doc_no}")
+            rows["source"].append(unit.url)
+            rows["sentences"].append(sentences)
+            doc_no += 1
+            chars = sum(len(s) for s in sentences)
+            part_chars += chars
+            part_rows += 1
+            part_sentences += len(sentences)
+            counts["documents"] += 1
+            counts["sentences"] += len(sentences)
+            counts["chars"] += chars
+            if part_chars >= cfg.part_bytes:
+                flush()
+            elif len(rows["doc_id"]) >= ROW_GROUP_DOCS:
+                add_rows()
+        flush()
+    except BaseException:
+        if writer is not None:  # drop the unfinished part's temp file
+            writer.__exit__(*sys.exc_info())
+        raise
     counts["input_bytes"] = file_size(unit.url)
     counts["input_files"] = 1
     errors_file = stage.write_errors(unit.key, bad)
