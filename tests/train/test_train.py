@@ -190,6 +190,7 @@ def test_static_masks_and_position_is_function_of_step(prepared, bert_tokenizer)
         assert ((x["labels"] != -100) <= x["attention_mask"].bool()).all()
 
 
+@pytest.mark.integration  # a torchrun process fleet / a real Prefect server
 def test_ddp_two_processes_match_one_process_with_accumulation(tmp_path, prepared):
     """torchrun, 2 CPU processes (gloo), batch 4 each == 1 process, batch 4, 2 accumulation steps."""
     common = ["pretrain", "--data", str(prepared), "--config", "tiny", "--batch-size", "4", "--max-steps", "4",
@@ -221,6 +222,7 @@ def test_config_errors_name_the_field(tmp_path):
         TrainConfig(data="x", output="s3://bucket/out")
 
 
+@pytest.mark.integration  # a torchrun process fleet / a real Prefect server
 def test_cli_flows_inprocess_and_torchrun(tmp_path, prepared, teacher, prefect_test_harness_session):
     """`distilflow pretrain` (in-process) and `distilflow distill` (torchrun subprocess, logs streamed),
     each publishing the loss-curve artifact."""
