@@ -164,8 +164,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Config], defaults: di
             kw["choices"] = list(typing.get_args(base))
         else:
             kw["type"] = _scalar(base)
-            if meta.get("const") is not None:  # the flag alone means ``const``
-                kw["nargs"], kw["const"] = "?", meta["const"]
+        if meta.get("const") is not None and not _is_sequence(base):  # the flag alone means ``const``
+            kw["nargs"], kw["const"] = "?", meta["const"]
         if meta.get("positional"):
             parser.add_argument(f.name, **kw)
             continue

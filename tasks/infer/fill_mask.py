@@ -8,8 +8,8 @@ Why it is faster than the pipeline on the same model:
   ``(M, V)``, instead of ``(B, L, V)``): the other positions' final states are never used
   (BERT / DistilBERT; other architectures run the full model and gather the mask logits);
 * ``torch.inference_mode``; on CUDA bf16 autocast and SDPA attention;
-* opt-in ``quantize="int8"``: dynamic int8 Linear layers on CPU (``torch.ao.quantization``), with the
-  top-1 agreement against the float model measured on the first window and reported.
+* opt-in ``--fast`` (``quantize="int8"``): the trunk in int8 on ONNX Runtime (tasks/infer/fast.py), with
+  the top-1 agreement against the exact model measured on the first window and reported.
 
 Semantics copied from the pipeline (and tested against it): several masks in a text are predicted
 independently (one top-k list per mask); ``targets`` restrict the scores to those words (softmax over
@@ -29,6 +29,7 @@ import functools
 import logging
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -122,19 +123,38 @@ def _last_layer_at_masks(q_lin: nn.Module, k_lin: nn.Module, v_lin: nn.Module, n
     return ctx.reshape(M, H), x
 
 
-def _split_mlm(model: Any) -> tuple[Encoder, Head] | None:
+def trunk_of(model: Any) -> nn.Module | None:
+    """All layers but the last (a view sharing the weights), for the MLM architectures we know."""
+    name = type(model).__name__
+    if name == "DistilBertForMaskedLM":
+        return _without_last_layer(model.distilbert, "transformer")
+    if name == "BertForMaskedLM" and not model.config.is_decoder:
+        return _without_last_layer(model.bert, "encoder")
+    return None
+
+
+def _split_mlm(model: Any, fast_trunk: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+               ) -> tuple[Encoder, Head] | None:
     """(encoder, head) for the MLM architectures we know; None -> run the full model (slower).
 
     The encoder runs all layers but the last over every token, then the last layer and the MLM head
     only at the mask positions: the outputs are the same as the full model's at those positions.
+    ``fast_trunk``: runs those layers instead of torch (the int8 ONNX Runtime trunk of ``--fast``).
     """
     name = type(model).__name__
+    view = trunk_of(model)
+
+    def trunk(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # (B, L, H)
+        if fast_trunk is not None:
+            return fast_trunk(input_ids, attention_mask)
+        assert view is not None
+        return view(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
     if name == "DistilBertForMaskedLM":
-        base = model.distilbert
-        trunk, last = _without_last_layer(base, "transformer"), base.transformer.layer[-1]
+        last = model.distilbert.transformer.layer[-1]
 
         def d_encoder(input_ids: torch.Tensor, attention_mask: torch.Tensor, is_mask: torch.Tensor) -> torch.Tensor:
-            h = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+            h = trunk(input_ids, attention_mask)  # (B, L, H)
             a = last.attention
             ctx, x = _last_layer_at_masks(a.q_lin, a.k_lin, a.v_lin, a.n_heads, h, attention_mask, is_mask)
             y = last.sa_layer_norm(a.out_lin(ctx) + x)
@@ -145,12 +165,11 @@ def _split_mlm(model: Any) -> tuple[Encoder, Head] | None:
             return model.vocab_projector(h)
 
         return d_encoder, d_head
-    if name == "BertForMaskedLM" and not model.config.is_decoder:
-        base = model.bert
-        trunk, last = _without_last_layer(base, "encoder"), base.encoder.layer[-1]
+    if view is not None:  # BertForMaskedLM
+        last = model.bert.encoder.layer[-1]
 
         def b_encoder(input_ids: torch.Tensor, attention_mask: torch.Tensor, is_mask: torch.Tensor) -> torch.Tensor:
-            h = trunk(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, H)
+            h = trunk(input_ids, attention_mask)  # (B, L, H)
             sa = last.attention.self
             ctx, x = _last_layer_at_masks(sa.query, sa.key, sa.value, sa.num_attention_heads, h,
                                           attention_mask, is_mask)
@@ -159,6 +178,33 @@ def _split_mlm(model: Any) -> tuple[Encoder, Head] | None:
 
         return b_encoder, model.cls
     return None
+
+
+def fast_parts(model_dir: str, model: Any, streams: int, threads: int) -> tuple[Encoder, Head]:
+    """(encoder, head) whose trunk runs in int8 on ONNX Runtime (``--fast``, tasks/infer/fast.py)."""
+    from distilflow.tasks.infer.fast import int8_trunk_file
+
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as e:
+        raise ConfigError("FillMaskConfig.quantize: --fast needs ONNX Runtime: pip install 'distilflow[fast]' "
+                          f"({e})") from e
+    view = trunk_of(model)
+    if view is None or next(model.parameters()).device.type != "cpu":
+        raise ConfigError(f"FillMaskConfig.quantize: --fast runs BERT/DistilBERT masked-LM models on a CPU "
+                          f"({type(model).__name__}); use --device cpu, or run without --fast")
+    path = int8_trunk_file(view, local_model(model_dir))
+    parts = _split_mlm(model, _ort_trunk(str(path), 1 if streams > 1 else threads))
+    assert parts is not None
+    return parts
+
+
+@functools.lru_cache(maxsize=2)
+def _ort_trunk(path: str, threads: int) -> Any:
+    from distilflow.tasks.infer.fast import OrtTrunk
+
+    return OrtTrunk(Path(path), threads)
 
 
 @functools.lru_cache(maxsize=2)
@@ -203,18 +249,10 @@ class FillMasker:
         self.target_ids = pipeline_target_ids(tok, cfg.targets) if cfg.targets else None
         self.top_k = min(cfg.top_k, len(self.target_ids)) if self.target_ids is not None else cfg.top_k
         self.parts = _split_mlm(self.model)
-        self.quant_model: nn.Module | None = None
         self.quant_parts = None
         self._agreement_checked = False
-        if cfg.quantize == "int8":
-            from torch.ao.quantization import quantize_dynamic
-
-            # only the encoder's Linear layers: the MLM head runs at mask positions only (cheap), and
-            # an int8 vocabulary projection would cost top-1 agreement for almost no speed
-            self.quant_model = copy.deepcopy(self.model).cpu()
-            base = self.quant_model.base_model
-            quantize_dynamic(base, {nn.Linear}, dtype=torch.qint8, inplace=True)
-            self.quant_parts = _split_mlm(self.quant_model)
+        if cfg.quantize == "int8":  # --fast: the trunk in int8 on ONNX Runtime (tasks/infer/fast.py)
+            self.quant_parts = fast_parts(cfg.model, self.model, self.streams, cfg.threads)
         self._token_str: dict[int, str] = {}
 
     def schema(self) -> pa.Schema:
@@ -270,7 +308,7 @@ class FillMasker:
     def mask_logits(self, batch: list[list[int]], quantized: bool = False) -> tuple[torch.Tensor, list[list[int]]]:
         """Logits ``(M, V)`` float32 at every mask of the batch, and mask positions per row."""
         tok = self.tokenizer
-        model: Any = self.quant_model if quantized else self.model
+        model: Any = self.model
         parts = self.quant_parts if quantized else self.parts
         dev = torch.device("cpu") if quantized else self.device
         longest = max(len(x) for x in batch)
@@ -307,8 +345,7 @@ class FillMasker:
             return values.cpu().numpy(), preds.cpu().numpy(), positions
 
         batches = length_sorted_batches([len(x) for x in encoded], self.cfg.batch_size)
-        streams = 1 if quantized else self.streams
-        for b, (scores_np, tokens_np, positions) in zip(batches, map_batches(top_k, batches, streams), strict=True):
+        for b, (scores_np, tokens_np, positions) in zip(batches, map_batches(top_k, batches, self.streams), strict=True):
             m = 0
             for row, pos in zip(b, positions, strict=True):
                 for _ in pos:
@@ -333,7 +370,7 @@ class FillMasker:
                   if isinstance(e, tuple)]
         ok = [(r, e) for r, e in zip(rows, encoded, strict=True) if isinstance(e, list)]
         ids = [e for _, e in ok]
-        quantized = self.quant_model is not None
+        quantized = self.quant_parts is not None
         preds = self.predict(ids, quantized=quantized)
         stats: dict[str, float] = {"masks": sum(len(p) for p in preds)}
         if quantized and not self._agreement_checked:

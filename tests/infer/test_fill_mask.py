@@ -238,18 +238,28 @@ def test_json_format_is_pipeline_output(model_path, fill, tmp_path):
     assert_same(got[2], _ref(fill, texts[2], "[MASK]"))
 
 
-def test_int8_mode_reports_agreement(model_path, tmp_path):
+def test_fast_mode_runs_int8_on_onnx_runtime_and_reports_agreement(model_path, tmp_path, monkeypatch):
+    """--fast: the trunk exported once to an int8 ONNX file (cached), its MatMuls quantized, answers close to
+    the exact mode's, agreement measured and reported; a second job on the same model reuses the export."""
+    monkeypatch.setenv("DISTILFLOW_CACHE", str(tmp_path / "cache"))
     src = tmp_path / "x.txt"
     src.write_text("\n".join(gutenberg_texts(20, seed=5)) + "\n")
     cfg = FillMaskConfig(model=model_path, quantize="int8", device="cpu")
     stage = open_output(str(tmp_path / "o"), "fill-mask", cfg.to_dict(), cfg.output_fingerprint())
     fm = FillMasker(cfg)
-    assert any("Quantized" in type(m).__name__ or "quantized" in type(m).__module__
-               for m in fm.quant_model.modules())
+    exported = list((tmp_path / "cache" / "fast").glob("*/trunk.int8.onnx"))
+    assert len(exported) == 1
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(exported[0])).graph.node}
+    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops, ops
     marker = run_file(fm, stage, str(src), "x")
     c = marker["counts"]
     assert c["int8_check_masks"] == c["masks"] > 0
     assert 0.5 <= c["int8_top1_agree"] / c["int8_check_masks"] <= 1.0
+    mtime = exported[0].stat().st_mtime_ns
+    FillMasker(cfg)
+    assert exported[0].stat().st_mtime_ns == mtime  # cached, not exported again
 
 
 @pytest.mark.gpu
