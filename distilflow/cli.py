@@ -21,7 +21,6 @@ from typing import Any, NamedTuple
 class Command(NamedTuple):
     help: str
     spec: str  # "module:ATTR" of its CommandSpec
-    legacy: str = ""  # TRANSITION: flow module with register(subparsers), until the command has a spec
 
 
 # In the order --help lists them. The help line is repeated here so that top-level --help imports nothing.
@@ -46,6 +45,8 @@ COMMANDS: dict[str, Command] = {
     "embed": Command("batch text embeddings (mean-pooled or [CLS])", "distilflow.tasks.infer.config:EMBED"),
     "watch": Command("emit a Prefect event for each completely written file in DIR",
                      "distilflow.tasks.infer.config:WATCH"),
+    "serve": Command("fill-mask / QA / embeddings over HTTP (POST /score, the hosted catalogue's request shapes)",
+                     "distilflow.tasks.infer.config:SERVE"),
     "server": Command("start a local Prefect server + process workers for the cpu/gpu pools in one command",
                       "distilflow.tasks.ops.config:SERVER"),
     "doctor": Command("check this machine as a worker: storage read/write, torch, CUDA",
@@ -95,9 +96,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if argv is not None and only is None:  # top-level help / no command: list them, import nothing
             sub.add_parser(name, help=cmd.help)
             continue
-        if cmd.legacy:
-            _register_legacy(sub, name, cmd.legacy)
-            continue
         spec = _load(cmd.spec)
         p = sub.add_parser(name, help=cmd.help, description=spec.description or cmd.help,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -106,19 +104,6 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                        help="show library logs and progress bars (transformers load reports, Prefect debug lines)")
         p.set_defaults(spec=spec)
     return parser
-
-
-def _register_legacy(sub: Any, name: str, module: str) -> None:
-    """TRANSITION: a flow module's own argparse (``register``) for a command not yet on a CommandSpec."""
-    import argparse as _ap
-
-    scratch = _ap.ArgumentParser().add_subparsers()
-    importlib.import_module(module).register(scratch)
-    p = scratch.choices[name]
-    p.prog = f"distilflow {name}"
-    p.add_argument("--verbose", action="store_true", help="show library logs and progress bars")
-    sub._name_parser_map[name] = p
-    sub._choices_actions.append(sub._ChoicesPseudoAction(name, (), COMMANDS[name].help))
 
 
 def _version() -> str:

@@ -1,32 +1,66 @@
-"""The console script: every sub-command has --help, and the lazy command table is complete."""
+"""The console script: a complete, lazy command table; help that imports nothing heavy."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-from distilflow.cli import COMMAND_MODULES, COMMANDS, build_parser
+import pytest
+
+from distilflow.cli import COMMANDS, build_parser, main
+from distilflow.tasks.core.config import CommandSpec
 
 
-def test_command_table_matches_registered_commands():
-    parser = build_parser()
-    registered = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
-    assert registered == set(COMMANDS)
-    assert set(COMMANDS.values()) == set(COMMAND_MODULES)
+def test_every_command_has_a_spec_whose_runner_exists():
+    import importlib
+
+    for name, cmd in COMMANDS.items():
+        module, _, attr = cmd.spec.partition(":")
+        spec = getattr(importlib.import_module(module), attr)
+        assert isinstance(spec, CommandSpec), name
+        run_module, _, run_attr = spec.run.partition(":")
+        assert callable(getattr(importlib.import_module(run_module), run_attr)), name
 
 
-def test_every_subcommand_has_help():
-    for cmd in COMMANDS:
-        parser = build_parser([cmd])
-        sub = parser._subparsers._group_actions[0].choices[cmd]  # type: ignore[union-attr]
-        text = sub.format_help()
-        assert "usage: distilflow" in text and "--help" in text, cmd
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", f"import sys\n{code}\nprint('MODULES', *sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    return set(out.stdout.rsplit("MODULES", 1)[1].split())
+
+
+HEAVY = {"torch", "prefect", "transformers", "pyarrow", "tokenizers"}
+
+
+def test_top_level_help_imports_no_job_code():
+    mods = _modules_after("from distilflow.cli import build_parser\n"
+                          "try:\n    build_parser(['--help']).parse_args(['--help'])\nexcept SystemExit:\n    pass")
+    assert not HEAVY & mods
+    assert not any(m.startswith("distilflow.tasks.") and m != "distilflow.tasks" for m in mods)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_command_help_imports_only_its_config(command):
+    mods = _modules_after(f"from distilflow.cli import build_parser\n"
+                          f"try:\n    build_parser([{command!r}, '--help']).parse_args([{command!r}, '--help'])\n"
+                          "except SystemExit:\n    pass")
+    assert not HEAVY & mods, sorted(HEAVY & mods)
+
+
+def test_config_errors_are_one_line_exit_2(capsys):
+    assert main(["prepare", "--input", "x.txt", "--output", "/tmp/o", "--tokenizer", "t",
+                 "--max-seq-len", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "max_seq_len" in err and err.startswith("distilflow prepare: error:")
+
+
+def test_unknown_option_is_argparse_usage_error():
+    with pytest.raises(SystemExit) as e:
+        build_parser(["qa"]).parse_args(["qa", "--no-such-flag"])
+    assert e.value.code == 2
 
 
 def test_prepare_does_not_import_torch():
-    code = ("import sys; from distilflow.cli import build_parser; build_parser(['prepare']); "
-            "from distilflow.tasks.prepare.pairs import load_tokenizer; "
-            "from tests.conftest import BERT_TOKENIZER; load_tokenizer(str(BERT_TOKENIZER)); "
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    mods = _modules_after("from distilflow.cli import build_parser; build_parser(['prepare'])\n"
+                          "from distilflow.tasks.prepare.pairs import load_tokenizer\n"
+                          "from tests.conftest import BERT_TOKENIZER; load_tokenizer(str(BERT_TOKENIZER))")
+    assert "torch" not in mods
