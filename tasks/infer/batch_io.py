@@ -199,6 +199,12 @@ def _rows_from_request(url: str, req: Any, columns: Sequence[str],
         yield _make_row(url, row_id, Record(text, row_id, rec_fields), columns, keep_columns)
 
 
+def request_rows(req: Any, columns: Sequence[str]) -> Iterator[InputRow | ErrorRow]:
+    """Rows of one request body in the hosted endpoints' shapes: ``distilflow serve`` reads its HTTP bodies
+    with the same parser as the batch jobs' ``.json`` request files."""
+    return _rows_from_request("request", req, columns, ())
+
+
 def _columns_to_items(obj: dict[str, Any], columns: Sequence[str]) -> list[Any]:
     vals = [obj[c] for c in columns]
     if all(isinstance(v, list) for v in vals):

@@ -186,6 +186,26 @@ class WatchConfig(Config):
     max_polls: int = option(0, "stop after this many polls (0 = forever)", ge=0)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig(Config):
+    model: str = option(help="model folder: a masked-LM (fill-mask, embed) or question-answering model",
+                        metavar="DIR")
+    task: Literal["auto", "fill-mask", "qa", "embed"] = option(
+        "auto", "what POST /score answers (auto: qa for a question-answering model, else fill-mask)")
+    host: str = option("127.0.0.1", "address to bind; the endpoint has no authentication, so keep 127.0.0.1 "
+                       "unless behind a proxy")
+    port: int = option(8000, "port", ge=1, le=65535)
+    max_batch: int = option(64, "most rows scored together (requests arriving together share a batch)", ge=1)
+    max_wait_ms: float = option(5.0, "after the first request of a batch, wait at most this long for more", ge=0)
+    top_k: int | None = option(None, "fill-mask predictions per mask / qa answers per question (default: the "
+                               "batch jobs' 5 / 1)", ge=1)
+    threads: int = option(0, "torch CPU threads (0 = torch default)", ge=0)
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda if available, else cpu")
+
+    def check(self) -> None:
+        require(bool(self.model), "ServeConfig", "model", "give a model folder")
+
+
 _RESUME = ("Results go to <output>/<input stem>.parquet (one file per input file, written atomically); bad rows "
            "go to the errors file with the reason, the manifest accounts for every input row, and a rerun skips "
            "finished files.")
@@ -206,6 +226,11 @@ WATCH = CommandSpec(
     WatchConfig, run="distilflow.flows.inference:run_watch",
     description="Emit a Prefect event (distilflow.file.ready) for each completely written file in DIR; the "
     "fill-mask deployment's trigger runs the flow on it. Needs PREFECT_API_URL (a real server).")
+SERVE = CommandSpec(
+    ServeConfig, run="distilflow.tasks.infer.serve:run_serve",
+    description="Serve fill-mask, QA or embeddings over HTTP at POST /score with the hosted catalogue's request "
+    'shapes ({"input_data": [...]}, {"inputs": {"input_string": [...]}}, {"question": ..., "context": ...}); '
+    "concurrent requests are batched together; answers equal the batch jobs' --format json. GET /health.")
 
 
 # job name -> (record class, "module:class" of the model job); the model code is imported only when used

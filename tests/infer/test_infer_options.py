@@ -1,4 +1,4 @@
-"""Every option of ``fill-mask``, ``qa``, ``embed`` and ``watch`` reaches the job: command line -> config (each
+"""Every option of ``fill-mask``, ``qa``, ``embed``, ``watch`` and ``serve`` reaches the job: command line -> config (each
 field given a non-default value), config -> the flow's typed parameters and back, the flags users' scripts
 call keep their meaning, and prefect.yaml's inference deployments have parameters the flows accept."""
 
@@ -20,6 +20,7 @@ from distilflow.tasks.infer.config import (
     EMBED,
     FILL_MASK,
     QA,
+    SERVE,
     WATCH,
     EmbedConfig,
     FillMaskConfig,
@@ -29,11 +30,12 @@ from distilflow.tasks.infer.config import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
-COMMANDS = {"fill-mask": FILL_MASK, "qa": QA, "embed": EMBED, "watch": WATCH}
+COMMANDS = {"fill-mask": FILL_MASK, "qa": QA, "embed": EMBED, "watch": WATCH, "serve": SERVE}
 REQUIRED = {"fill-mask": ["--input", "in.txt", "--output", "out", "--model", "m"],
             "qa": ["--input", "in.txt", "--output", "out", "--model", "m"],
             "embed": ["--input", "in.txt", "--output", "out", "--model", "m"],
-            "watch": ["drop/"]}
+            "watch": ["drop/"],
+            "serve": ["--model", "m"]}
 
 
 def _other_value(cls: type[Config], f: dataclasses.Field) -> tuple[list[str], Any]:
@@ -123,6 +125,11 @@ def test_flags_users_scripts_call():
     assert e.normalize and e.pooling == "cls" and e.batch_size == 64
     w = _parse("watch", "drop/", "--include", "*.txt,*.jsonl", "--recursive")
     assert w.include == ("*.txt", "*.jsonl") and w.recursive and (w.interval, w.stable_polls) == (2.0, 2)
+    f = _parse("fill-mask", *REQUIRED["fill-mask"], "--fast")
+    assert f.quantize == "int8" and f.output_fingerprint() == _parse(
+        "fill-mask", *REQUIRED["fill-mask"], "--quantize", "int8").output_fingerprint()
+    s = _parse("serve", "--model", "m")
+    assert (s.host, s.port, s.task, s.top_k) == ("127.0.0.1", 8000, "auto", None)
 
 
 def test_one_string_is_accepted_where_a_list_is_expected():
