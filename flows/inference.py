@@ -28,7 +28,7 @@ from distilflow.tasks.core.io import expand_inputs
 from distilflow.tasks.infer import batch_io as io
 from distilflow.tasks.infer.config import BatchRun, EmbedJob, FillMaskJob, QAJob, WatchConfig, load_job
 from distilflow.tasks.infer.report import add_agreement, files_markdown, summary_lines
-from distilflow.tasks.infer.watch import EVENT_NAME, RESOURCE_PREFIX, FolderWatcher, default_state_url
+from distilflow.tasks.infer.watch import EVENT_NAME, RESOURCE_PREFIX, watch_folder
 
 _ROWS: tqdm | None = None  # the stage's rows/s bar, when the file tasks run in this process
 # Flows run one file at a time in the flow process: the model is loaded once and uses every core
@@ -100,14 +100,6 @@ def embed_flow(cfg: EmbedJob) -> dict[str, Any]:
 
 
 # -- command line --------------------------------------------------------------------------------------
-def _report(manifest: dict[str, Any]) -> int:
-    line, errors = summary_lines(manifest)
-    print(line)
-    if errors:
-        print(errors, file=sys.stderr)
-    return 0
-
-
 class _Runner:
     """``distilflow fill-mask|qa|embed``: run the flow, print the result line. ``preload`` (called by the
     command line before it waits for a temporary Prefect server) loads the model meanwhile."""
@@ -116,7 +108,11 @@ class _Runner:
         self.flow, self.job = flow, job
 
     def __call__(self, cfg: BatchRun) -> int:
-        return _report(self.flow(**cfg.to_dict()))
+        line, errors = summary_lines(self.flow(**cfg.to_dict()))
+        print(line)
+        if errors:
+            print(errors, file=sys.stderr)
+        return 0
 
     def preload(self, cfg: Any) -> None:
         if cfg.in_process:  # the file task then finds it in the per-process model cache
@@ -129,16 +125,7 @@ run_embed = _Runner(embed_flow, "embed")
 
 
 def run_watch(cfg: WatchConfig) -> int:
-    state = cfg.state or default_state_url(cfg.dir)
-    w = FolderWatcher(cfg.dir, emit_and_flush, state, stable_polls=cfg.stable_polls, include=cfg.include,
-                      recursive=cfg.recursive, reprocess_changed=cfg.reprocess_changed)
-    print(f"watching {cfg.dir} every {cfg.interval}s (state: {state}); Ctrl-C to stop", flush=True)
-    try:
-        n = w.run(interval=cfg.interval, max_polls=cfg.max_polls)
-    except KeyboardInterrupt:
-        return 0
-    print(f"emitted {n} event(s)")
-    return 0
+    return watch_folder(cfg, emit_and_flush)
 
 
 # -- trigger -------------------------------------------------------------------------------------------

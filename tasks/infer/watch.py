@@ -156,3 +156,17 @@ class FolderWatcher:
                 break
             time.sleep(interval)
         return n
+
+
+def watch_folder(cfg: Any, emit: Emit) -> int:
+    """``distilflow watch``: poll ``cfg.dir`` until Ctrl-C or ``cfg.max_polls``; prints what it does."""
+    state = cfg.state or default_state_url(cfg.dir)
+    w = FolderWatcher(cfg.dir, emit, state, stable_polls=cfg.stable_polls, include=cfg.include,
+                      recursive=cfg.recursive, reprocess_changed=cfg.reprocess_changed)
+    print(f"watching {cfg.dir} every {cfg.interval}s (state: {state}); Ctrl-C to stop", flush=True)
+    try:
+        n = w.run(interval=cfg.interval, max_polls=cfg.max_polls)
+    except KeyboardInterrupt:
+        return 0
+    print(f"emitted {n} event(s)")
+    return 0
