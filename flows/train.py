@@ -27,10 +27,10 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from tqdm import tqdm
 
 from distilflow.flows.common import config_flow, publish
-from distilflow.tasks.core.io import write_json
-from distilflow.tasks.train.checkpoint import read_curves_png, read_metrics
+from distilflow.tasks.core import procs
+from distilflow.tasks.train.checkpoint import read_curves_png, read_metrics, read_summary
 from distilflow.tasks.train.config import DISTILL_DEFAULTS, DISTILL_ONLY, PRETRAIN_ONLY, TrainConfig
-from distilflow.tasks.train.launch import launch_command, resolve_launcher
+from distilflow.tasks.train.launch import launch_command, resolve_launcher, write_launch_config
 from distilflow.tasks.train.loop import train
 from distilflow.tasks.train.metrics import format_line, parse_step
 from distilflow.tasks.train.report import curves_image_markdown, loss_curve_markdown
@@ -38,8 +38,10 @@ from distilflow.tasks.train.report import curves_image_markdown, loss_curve_mark
 
 def _stream(cmd: list[str], on_line: Callable[[str], None], env: dict[str, str]) -> tuple[int, list[str]]:
     tail: deque[str] = deque(maxlen=60)
+    # dies with this process even if it is SIGKILLed: PR_SET_PDEATHSIG (this thread reads its output until it
+    # exits, so it outlives it), and its ranks watch this process themselves (tasks/core/procs.py)
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                          env=env) as proc:
+                          env={**env, **procs.watch_env()}, preexec_fn=procs.die_with_parent) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")
@@ -51,8 +53,6 @@ def _stream(cmd: list[str], on_line: Callable[[str], None], env: dict[str, str])
 @task(name="train", tags=["gpu"])
 def train_task(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     """One training job (1 process, or N torchrun processes on this host's GPUs)."""
-    import json
-
     cfg = TrainConfig.from_dict(cfg_dict)
     logger = get_run_logger()
     launcher, nproc = resolve_launcher(cfg.launcher, cfg.nproc_per_node)
@@ -75,10 +75,7 @@ def train_task(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     if launcher == "inprocess":
         summary = train(cfg, on_log=on_log)
     else:
-        os.makedirs(cfg.output, exist_ok=True)
-        cfg_path = os.path.join(cfg.output, "launch_config.json")
-        write_json(cfg_path, cfg.to_dict())
-        cmd = launch_command(cfg_path, nproc, torchrun=launcher == "torchrun")
+        cmd = launch_command(write_launch_config(cfg), nproc, torchrun=launcher == "torchrun")
         logger.info("launching: " + " ".join(cmd))
 
         def on_line(line: str) -> None:
@@ -91,8 +88,7 @@ def train_task(cfg_dict: dict[str, Any]) -> dict[str, Any]:
         rc, tail = _stream(cmd, on_line, env)
         if rc != 0:
             raise RuntimeError(f"training exited with code {rc}; last lines:\n" + "\n".join(tail[-30:]))
-        with open(os.path.join(cfg.output, "summary.json")) as f:
-            summary = json.load(f)
+        summary = read_summary(cfg.output)
     update_progress_artifact(progress, progress=100.0)
     publish(loss_curve_markdown(cfg, read_metrics(cfg.output), summary)
             + curves_image_markdown(read_curves_png(cfg.output)), key=f"{cfg.mode}-loss-curves",

@@ -231,7 +231,9 @@ def upload_folder(path: str | os.PathLike[str], url: str, only: str = "") -> dic
     if not is_remote(url) and Path(url).resolve() == root.resolve():
         return {}
     previous = read_manifest(url) or {}
-    local = {p.relative_to(root).as_posix(): p for p in sorted((root / only).rglob("*"))
+    base = root / only
+    candidates = [base] if only and base.is_file() else sorted(base.rglob("*"))  # ``only`` may name one file
+    local = {p.relative_to(root).as_posix(): p for p in candidates
              if p.is_file() and not _hidden(p.relative_to(root).as_posix())}
     manifest = {rel: e for rel, e in previous.items() if not _under(rel, only)}
     for rel, p in local.items():
@@ -305,18 +307,37 @@ def staged_output(url: str, work_dir: str | os.PathLike[str] | None = None) -> I
 
     On success the whole folder is pushed; on failure nothing more is pushed (what earlier ``push``
     calls uploaded -- finished checkpoints -- stays in the bucket for ``--resume``) and the local
-    folder is kept for the next attempt on this machine.
+    folder is kept for the next attempt on this machine. A bucket that does not exist or denies
+    writes fails on entry (:func:`check_writable`).
     """
     if not is_remote(url):
         Path(url).mkdir(parents=True, exist_ok=True)
         yield Staged(url, Path(url))
         return
-    local = Path(work_dir) if work_dir is not None else cache_dir_for(url).with_name(
-        cache_dir_for(url).name + "-work")
+    check_writable(url)  # a missing bucket / denied write fails now, not at the first push hours later
+    local = Path(work_dir) if work_dir is not None else work_dir_for(url)
     local.mkdir(parents=True, exist_ok=True)
     stage = Staged(url, local)
     yield stage
     stage.push()
+
+
+def check_writable(url: str) -> None:
+    """Write and delete an empty hidden object under ``url``: one InputError line naming ``url`` when the
+    bucket does not exist or denies writes."""
+    key = io.join(url, f".distilflow-probe-{uuid.uuid4().hex[:12]}")
+    try:
+        io.write_bytes(key, b"")
+    except InputError as e:
+        raise InputError(str(e).replace(key, url)) from e
+    with io.remote_errors(url):
+        io.remove(key)
+
+
+def work_dir_for(url: str) -> Path:
+    """The default local working folder of remote output ``url`` (the same on every process of a host
+    that shares ``$DISTILFLOW_CACHE``, e.g. the ranks of one torchrun)."""
+    return cache_dir_for(url).with_name(cache_dir_for(url).name + "-work")
 
 
 def clear_local(stage: Staged) -> None:

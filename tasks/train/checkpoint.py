@@ -10,30 +10,58 @@ A checkpoint is written into ``.tmp-step-X`` and renamed when complete, so a kil
 half-written one; the newest ``keep_checkpoints`` are kept. Resuming checks the config fingerprint (the
 fields that change the weights) and the world size (the data order depends on it).
 
-Kept in one module so that other storage (object stores) changes this file only.
+``OUT`` on object storage (``s3://...``, any fsspec URL): the run works in a local folder
+(:func:`distilflow.tasks.core.remote.work_dir_for`, the same on every rank of a host) that rank 0 pushes
+to the bucket -- the checkpoints, ``metrics.jsonl`` and ``train_config.json`` after each checkpoint (each
+file atomic, the manifest last), everything else when the run ends. ``--resume`` starts from what the
+bucket holds (the local folder is refilled from it), so a run continues after its machine and disk are
+gone. The config of record and the fingerprint keep the URL, never the local folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from distilflow.tasks.core import io, remote
 from distilflow.tasks.core.hf import load_pretrained
 from distilflow.tasks.core.io import write_json
 from distilflow.tasks.core.stage import ResumeError
 from distilflow.tasks.train.config import TrainConfig
 from distilflow.tasks.train.launch import Dist
 
+# Pushed with every checkpoint (besides checkpoints/): what a resume on a clean machine needs.
+_RESUME_FILES = ("metrics.jsonl", "train_config.json")
+
+
+@contextlib.contextmanager
+def staged_run(cfg: TrainConfig, d: Dist) -> Iterator[RunDir]:
+    """The run's output folder: ``cfg.output`` itself, or for a bucket URL a local working folder that
+    rank 0 pushes (what is left when the block succeeds; nothing on failure, the checkpoints pushed so
+    far stay for ``--resume``). Every rank works in the same local path."""
+    if d.main:
+        with remote.staged_output(cfg.output, remote.work_dir_for(cfg.output)
+                                  if remote.is_remote(cfg.output) else None) as stage:
+            yield RunDir(cfg, stage)
+    else:
+        local = remote.work_dir_for(cfg.output) if remote.is_remote(cfg.output) else cfg.output
+        yield RunDir(cfg, remote.Staged(cfg.output, Path(local)), push=False)
+
 
 class RunDir:
-    """The output folder of one training run."""
+    """The output folder of one training run (``path``: where files are written, local)."""
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg, self.path = cfg, cfg.output
+    def __init__(self, cfg: TrainConfig, stage: remote.Staged | None = None, push: bool = True):
+        self.cfg = cfg
+        self.stage = stage or remote.Staged(cfg.output, Path(cfg.output))
+        self.path, self.url, self._push = str(self.stage.local), cfg.output, push and self.stage.remote
         self.metrics_path = os.path.join(self.path, "metrics.jsonl")
         self.summary_path = os.path.join(self.path, "summary.json")
 
@@ -45,15 +73,26 @@ class RunDir:
         return sorted(os.path.join(root, d) for d in os.listdir(root) if d.startswith("step-"))
 
     def finished(self) -> dict[str, Any] | None:
-        """The summary of a finished run with the same config (nothing to do twice), else None."""
-        if not (os.path.exists(self.summary_path) and self.checkpoints()):
-            return None
-        with open(self.summary_path) as f:
-            done = json.load(f)
-        return done if done.get("fingerprint") == self.cfg.fingerprint_for_resume() else None
+        """The summary of a finished run with the same config (nothing to do twice), else None. Read where
+        the output is (the bucket for a URL): call it before :func:`staged_run`."""
+        return finished_summary(self.cfg)
 
-    def open(self) -> str | None:
-        """Make the folder; the checkpoint to resume from (None: start fresh). Refuses to overwrite."""
+    def open(self, d: Dist | None = None) -> str | None:
+        """Make the folder; the checkpoint to resume from (None: start fresh). Refuses to overwrite.
+
+        Bucket output: rank 0 refuses without ``--resume`` when the bucket holds checkpoints, empties the
+        local working folder (the bucket is the truth, not what an earlier attempt left on this disk) and,
+        with ``--resume``, fills it from the bucket; the other ranks wait for it."""
+        if self.stage.remote and (d is None or d.main):
+            if not self.cfg.resume and remote.list_remote(io.join(self.url, "checkpoints")):
+                raise ResumeError(f"{self.url} already has checkpoints; pass --resume to continue, or use a "
+                                  "new --output")
+            remote.clear_local(self.stage)
+            self.stage.local.mkdir(parents=True, exist_ok=True)
+            if self.cfg.resume:
+                self.stage.pull()
+        if d is not None:
+            d.barrier()
         existing = self.checkpoints()
         if existing and not self.cfg.resume:
             raise ResumeError(f"{self.path} already has checkpoints; pass --resume to continue, or use a new "
@@ -61,10 +100,24 @@ class RunDir:
         os.makedirs(self.path, exist_ok=True)
         return existing[-1] if existing else None
 
+    def push_checkpoints(self) -> None:
+        """Rank 0, after a checkpoint is in place (and old ones pruned): it, the metrics so far and the
+        config of record to the bucket (no-op for a local output)."""
+        if not self._push:
+            return
+        # metrics first: killed in between, the bucket's metrics reach at least its newest checkpoint
+        # (a resume drops records after the step it continues from, never misses some before it)
+        for name in _RESUME_FILES:
+            if os.path.exists(os.path.join(self.path, name)):
+                self.stage.push(name)
+        self.stage.push("checkpoints")
+
     def start(self, step: int) -> None:
         """Rank 0, before the first step: the config of record; metrics after ``step`` dropped (they are
         produced again by the resumed run)."""
         write_json(os.path.join(self.path, "train_config.json"), self.cfg.to_dict())
+        if self._push:
+            self.stage.push("train_config.json")
         if not os.path.exists(self.metrics_path):
             return
         with open(self.metrics_path) as f:
@@ -105,6 +158,7 @@ class RunDir:
             os.replace(tmp, final)
             for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
+            self.push_checkpoints()
         d.barrier()
         return final
 
@@ -150,19 +204,38 @@ def _atomic_write(path: str, data: bytes) -> None:
     os.replace(path + ".tmp", path)
 
 
+def finished_summary(cfg: TrainConfig) -> dict[str, Any] | None:
+    """``OUT/summary.json`` (local or in the bucket) when OUT holds a finished run of the same config."""
+    summary = io.join(cfg.output, "summary.json")
+    with io.remote_errors(cfg.output):
+        if not io.exists(summary):
+            return None
+        has_ckpt = (remote.list_remote(io.join(cfg.output, "checkpoints")) if remote.is_remote(cfg.output)
+                    else RunDir(cfg).checkpoints())
+        if not has_ckpt:
+            return None
+        done: dict[str, Any] = io.read_json(summary)
+    return done if done.get("fingerprint") == cfg.fingerprint_for_resume() else None
+
+
+def read_summary(output: str) -> dict[str, Any]:
+    """``OUT/summary.json`` of a finished run (local path or URL)."""
+    return dict(io.read_json(io.join(output, "summary.json")))
+
+
 def read_curves_png(output: str) -> bytes | None:
-    path = os.path.join(output, "curves.png")
-    if not os.path.exists(path):
+    """``OUT/curves.png`` (local path or URL), None when the run drew none."""
+    path = io.join(output, "curves.png")
+    if not io.exists(path):
         return None
-    with open(path, "rb") as f:
-        return f.read()
+    return io.read_bytes(path)
 
 
 def read_metrics(output: str, evals: bool = False) -> list[dict[str, Any]]:
-    """The training records of ``OUT/metrics.jsonl`` (with ``evals``: the held-out records instead)."""
-    path = os.path.join(output, "metrics.jsonl")
-    if not os.path.exists(path):
+    """The training records of ``OUT/metrics.jsonl`` (with ``evals``: the held-out records instead);
+    ``output`` is a local path or URL."""
+    path = io.join(output, "metrics.jsonl")
+    if not io.exists(path):
         return []
-    with open(path) as f:
-        recs = [json.loads(ln) for ln in f if ln.strip()]
+    recs = [json.loads(ln) for ln in io.read_bytes(path).decode().splitlines() if ln.strip()]
     return [r for r in recs if ("eval_accuracy" in r) == evals and ("loss" in r or evals)]

@@ -31,8 +31,8 @@ _PRESET_HELP = ", ".join(f"{k}={v[0]}x{v[1]}" for k, v in PRESETS.items())
 class TrainConfig(Config):
     mode: Literal["pretrain", "distill"] = option("pretrain", "pretrain a BERT teacher or distil a student",
                                                   cli=False)
-    data: str = option(help="prepared folder (from `distilflow prepare`)")
-    output: str = option(help="output folder (local): model, checkpoints, metrics")
+    data: str = option(help="prepared folder or URL (from `distilflow prepare`)")
+    output: str = option(help="output folder or s3:// (fsspec) URL: model, checkpoints, metrics")
     # -- models
     model: str = option("mini", f"model size: a preset ({_PRESET_HELP}) or a BertConfig .json path",
                         flag="--config")
@@ -108,8 +108,6 @@ class TrainConfig(Config):
                     "model", f"must be one of {sorted(PRESETS)} or a config .json path, got {self.model!r}")
         require(self.max_steps > 0 or self.epochs > 0, n, "epochs", "must be > 0 when max_steps is 0")
         require(self.alpha_ce + self.alpha_mlm + self.alpha_cos > 0, n, "alpha_ce", "some alpha must be > 0")
-        require("://" not in self.output or self.output.startswith("file://"), n, "output",
-                "must be a local folder (checkpoints are renamed in place)")
 
     def fingerprint_for_resume(self) -> str:
         """What a checkpoint must match to be resumed: every field that changes the trained weights."""

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from distilflow.tasks.core import procs
 from distilflow.tasks.core.errors import ConfigError
 from distilflow.tasks.train.config import DISTILL, PRETRAIN, TrainConfig
 
@@ -103,6 +104,22 @@ def resolve_launcher(launcher: str, nproc_per_node: int) -> tuple[str, int]:
     return launcher, nproc
 
 
+def write_launch_config(cfg: TrainConfig) -> str:
+    """The config file the launched processes read: ``OUT/launch_config.json``, or for a bucket OUT a file
+    beside its local working folder (the processes push OUT themselves)."""
+    from distilflow.tasks.core import remote
+    from distilflow.tasks.core.io import write_json
+
+    if remote.is_remote(cfg.output):
+        work = remote.work_dir_for(cfg.output)
+        path = str(work.with_name(work.name + "-launch_config.json"))
+    else:
+        os.makedirs(cfg.output, exist_ok=True)
+        path = os.path.join(cfg.output, "launch_config.json")
+    write_json(path, cfg.to_dict())
+    return path
+
+
 def launch_command(config_json: str, nproc_per_node: int, torchrun: bool = True) -> list[str]:
     """``torchrun --standalone --nproc-per-node N -m distilflow.tasks.train run CONFIG_JSON`` (or plain
     ``python -m ...`` for one process)."""
@@ -121,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     from distilflow.tasks.train.loop import train
 
     configure(verbose())  # no library bars / load reports here either (torchrun children inherit the CLI's)
+    procs.exit_with_watched()  # launched by a flow: exit when its process is gone (even SIGKILLed)
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)

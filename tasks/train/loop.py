@@ -23,9 +23,10 @@ import torch
 import torch.nn as nn
 from transformers import AutoTokenizer
 
+from distilflow.tasks.core.hf import local_model
 from distilflow.tasks.core.io import join
 from distilflow.tasks.prepare.masking import Vocab
-from distilflow.tasks.train.checkpoint import RunDir, read_metrics
+from distilflow.tasks.train.checkpoint import RunDir, finished_summary, read_metrics, staged_run
 from distilflow.tasks.train.config import TrainConfig
 from distilflow.tasks.train.data import heldout_batches, training_batches
 from distilflow.tasks.train.heldout import evaluate_mlm
@@ -46,12 +47,16 @@ def train(cfg: TrainConfig, on_log: OnLog | None = None, stop_after: int = 0) ->
     only the checkpoints written so far.
     """
     d = setup_distributed(cfg.threads)
-    run = RunDir(cfg)
-    if (finished := run.finished()) is not None:
+    if (finished := finished_summary(cfg)) is not None:
         return finished  # finished with the same config: nothing to do twice
-    resume_from = run.open()
+    with staged_run(cfg, d) as run:  # a bucket OUT: a local working folder, pushed by rank 0
+        return _train(cfg, d, run, on_log, stop_after)
+
+
+def _train(cfg: TrainConfig, d: Dist, run: RunDir, on_log: OnLog | None, stop_after: int) -> dict[str, Any]:
+    resume_from = run.open(d)
     amp = autocast_for(cfg, d.device)
-    tokenizer = AutoTokenizer.from_pretrained(join(cfg.data, "tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(local_model(join(cfg.data, "tokenizer")))
     objective = build_objective(cfg, tokenizer, d.device)  # the trained model is objective.model
     model = objective.model
     batches, source = training_batches(cfg, tokenizer, d.world, d.rank,
@@ -117,7 +122,7 @@ def train(cfg: TrainConfig, on_log: OnLog | None = None, stop_after: int = 0) ->
             summary.update(final_eval(objective, eval_set, d, amp, tokenizer))
             report({"step": total, **_prefixed(summary["eval"])})
         run.save_final(model, tokenizer, summary)
-        png = plot_curves(read_metrics(cfg.output), read_metrics(cfg.output, evals=True), f"{cfg.mode}: {cfg.output}")
+        png = plot_curves(read_metrics(run.path), read_metrics(run.path, evals=True), f"{cfg.mode}: {cfg.output}")
         run.save_card(model_card(cfg, summary, summary["parameters"], objective.architecture(), png is not None), png)
     d.barrier()
     return summary

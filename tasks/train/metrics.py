@@ -139,7 +139,7 @@ class Reporter:
                  on_log: Callable[[dict[str, Any]], None] | None, main: bool):
         self.run, self.on_log, self.main = run, on_log, main
         self.bar = ProgressBar(cfg.mode, total, start, enabled=main)
-        self.tb = _tensorboard(os.path.join(cfg.output, "tensorboard")) if cfg.tensorboard and main else None
+        self.tb = _tensorboard(os.path.join(run.path, "tensorboard")) if cfg.tensorboard and main else None
 
     def step(self) -> None:
         self.bar.step()

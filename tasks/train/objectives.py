@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, BertForMaskedLM, BertForPreTraining
 
 from distilflow.tasks.core.errors import ConfigError
-from distilflow.tasks.core.hf import build_model, load_pretrained
+from distilflow.tasks.core.hf import build_model, load_pretrained, local_model
 from distilflow.tasks.prepare.masking import IGNORE_INDEX
 from distilflow.tasks.train.config import TrainConfig
 from distilflow.tasks.train.losses import ce_rows, cosine_loss, fused_head_losses
@@ -151,7 +151,9 @@ class DistillObjective(nn.Module):
 
 
 def load_teacher(name: str, device: torch.device) -> Any:
-    """A BERT model, frozen, in eval mode (a BertForPreTraining checkpoint loads too, without NSP head)."""
+    """A BERT model, frozen, in eval mode (a BertForPreTraining checkpoint loads too, without NSP head).
+    An ``s3://`` (fsspec) folder is read through the verified local cache."""
+    name = local_model(name)
     try:
         cfg = AutoConfig.from_pretrained(name)
     except OSError as e:
