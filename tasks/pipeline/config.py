@@ -32,8 +32,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "distill_steps": 1500, "batch_size": 32, "pretrain_lr": 5e-4, "distill_lr": 5e-4,
                   "eval_sequences": 2000, "fill_mask_rows": 1000, **{
                       "glue_tasks": ("sst2", "mrpc"), "eval_seeds": 3, "task_distill": True, "scratch_baselines": True,
-                      "finetune": {"lr": 1e-4, "epochs": 3.0, "batch_size": 32, "max_seq_len": 128},
-                      "replication": True, "speed_batch": 32}},
+                      "finetune": {"lr": 1e-4, "epochs": 2.0, "batch_size": 32, "max_seq_len": 128},
+                      "replication": True, "speed_batch": 32,
+                      # idle 2-core wall seconds, estimated by scripts/replicate_estimate.py (docs/replication.md)
+                      "estimate_seconds": {"vocab": 2, "prepare": 25, "pretrain": 915, "distill": 769,
+                                           "finetune": 4455, "evaluate-other (mlm, bias, speed, fill-mask)": 120}}},
     # replicate-tiny: the same recipe at toy sizes (tests, CI): every stage and both report files in minutes
     "replicate-tiny": {"max_seq_len": 64, "vocab_size": 1000, "teacher_config": "replicate-tiny", "pretrain_steps": 20,
                        "distill_steps": 20, "batch_size": 8, "pretrain_lr": 1e-3, "distill_lr": 1e-3,

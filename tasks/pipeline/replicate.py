@@ -46,6 +46,38 @@ MODELS = {"teacher": ("-teacher", "teacher"), "student": ("", "student"),
           "student_task_distilled": ("-distilled", "student")}
 
 
+def recipe(preset: str) -> dict[str, Any]:
+    """What the preset trains, in words and numbers (the report's "Recipe" section)."""
+    from distilflow.tasks.pipeline.config import PRESETS, TEACHERS
+
+    p = PRESETS[preset]
+    t = TEACHERS.get(p["teacher_config"], {})
+    layers = t.get("num_hidden_layers")
+    return {
+        "data": f"training: the Gutenberg books except {HELD_OUT_BOOK} + TinyShakespeare; held out: {HELD_OUT_BOOK}",
+        "vocabulary": f"WordPiece trained on the training text, {p['vocab_size']:,} entries, uncased",
+        "teacher": f"BERT {layers} x {t.get('hidden_size')} ({t.get('num_attention_heads')} heads, FFN "
+                   f"{t.get('intermediate_size')}), MLM + NSP, {p['pretrain_steps']:,} steps x {p['batch_size']} "
+                   f"sequences of <= {p['max_seq_len']} tokens, lr {p['pretrain_lr']:g}",
+        "student": f"DistilBERT {layers // 2 if layers else '?'} x {t.get('hidden_size')}, initialised from every "
+                   f"other teacher layer, DistilBERT's loss (KL at T=2 + MLM + cosine), {p['distill_steps']:,} steps "
+                   f"x {p['batch_size']}, lr {p['distill_lr']:g}",
+        "fine-tuning": f"SST-2 (6,920 train / 872 dev) and MRPC (3,668 train / 408 dev), {p.get('eval_seeds', 1)} "
+                       f"seeds, median; " + ", ".join(f"{k} {v}" for k, v in (p.get("finetune") or {}).items())
+                       + "; the same for every model; task distillation at T=2, alpha=0.5",
+    }
+
+
+def pipeline_command(output: str, shared: str, preset: str = "replicate") -> str:
+    """The ``distilflow pipeline`` command that ``scripts/replicate.py`` runs."""
+    from distilflow.tasks.pipeline.config import PipelineConfig
+    from distilflow.tasks.pipeline.plan import command_line
+
+    train, held = replicate_inputs(shared)
+    return command_line(PipelineConfig(output=output, preset=preset, inputs=tuple(train), heldout=tuple(held),  # type: ignore[arg-type]
+                                       glue_dir=os.path.join(shared, "glue")))
+
+
 def replicate_inputs(shared: str) -> tuple[list[str], list[str]]:
     """Training text (the Gutenberg books but one, TinyShakespeare) and the held-out book, under ``shared``."""
     books = sorted(glob.glob(os.path.join(shared, "corpus", "gutenberg", "pg*.txt")))
@@ -169,7 +201,8 @@ def write_replication(output: str, eval_dir: str, teacher: str, student: str, gl
     summary = summarise(report, params, rows_per_s)
     import torch
 
-    doc = {"status": "run", "preset": preset, "command": command, "script": SCRIPT, **summary,
+    doc = {"status": "run", "preset": preset, "command": command, "script": SCRIPT, "recipe": recipe(preset),
+           **summary,
            "speed": {"batch_size": speed_batch, "rows": len(texts), "threads": torch.get_num_threads(),
                      "inputs": "SST-2 dev sentences, each model's SST-2 classifier (seed 1 of 3)"},
            "finetuning": {k: report["config"].get(k) for k in ("lr", "epochs", "batch_size", "max_seq_len", "seeds",
@@ -197,6 +230,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
            f"Command: `{doc.get('script', SCRIPT)}`, which runs", "", f"    {doc['command']}", "",
            "and copies `OUT/replication.md` / `OUT/replication.json` here. Resumable: rerun the same command "
            "after an interruption; finished stages, training checkpoints and fine-tuning seeds are kept.", "",
+           *(["## Recipe", "", *(f"- {k}: {v}" for k, v in doc["recipe"].items()), ""] if doc.get("recipe") else []),
            "## Results", "", markdown_table(rows), "",
            "Speed: " + (f"{doc['speed']['rows']} {doc['speed']['inputs']}, batch {doc['speed']['batch_size']}, "
                         f"{doc['speed']['threads']} torch threads; best of 3 alternating passes." if doc.get("speed")
@@ -214,16 +248,40 @@ def render_markdown(doc: dict[str, Any]) -> str:
             "", "## Time", ""]
     est, ran = doc.get("estimate_seconds") or {}, doc.get("stage_seconds") or {}
     if est:
-        out.append("Estimated (idle 2-core machine, from short measured runs: `scripts/replicate_estimate.py`): "
-                   + ", ".join(f"{k} {v / 60:.0f} min" for k, v in est.items()) + ".")
+        out.append("Estimated for an otherwise idle 2-core machine, from short measured runs "
+                   "(`scripts/replicate_estimate.py`): " + ", ".join(f"{k} {_dur(v)}" for k, v in est.items())
+                   + f"; **total {_dur(sum(est.values()))}**.")
+    m = doc.get("estimate_measurements") or {}
+    if m.get("pretrain"):
+        par = m.get("parallel_assumed", 1.7)
+        ft = m.get("finetune", {})
+        out += ["", "What the estimate rests on (`" + m.get("command", "") + "`; one torch thread, CPU seconds, "
+                f"so other load on the machine inflates it little; an idle 2-thread run is assumed to do {par} cores' "
+                "worth of work):", "",
+                f"- pretrain: {m['pretrain']['cpu_s_per_step']} CPU s per step of 32 x 128 tokens",
+                f"- distill: {m['distill']['cpu_s_per_step']} CPU s per step (teacher forward + student)",
+                *(f"- fine-tune {k}: {v['cpu_s_per_example'] * 1000:.1f} CPU ms per example ({v['n_train']:,} "
+                  "training examples)" for k, v in ft.items()),
+                "- per fine-tuning run another ~5 s (load, tokenise, save) and scoring dev (a forward pass)"]
+    arch = doc.get("architecture_check")
+    if arch:
+        out += ["", f"Architecture check before the run (the short-run models; weights change neither number): teacher "
+                f"{arch['params']['teacher']:,} / student {arch['params']['student']:,} parameters "
+                f"(reduction {arch['param_reduction']:.1%}); CPU inference {arch['cpu_rows_per_s']['teacher']} / "
+                f"{arch['cpu_rows_per_s']['student']} rows/s on {arch['rows']} SST-2 dev sentences at batch "
+                f"{arch['batch_size']}, {arch['threads']} threads (speed-up {arch['speedup']:.2f}x; measured on the "
+                f"shared machine, load {arch['load'][0]:.1f})."]
     if ran:
-        out.append("Measured (this run, per pipeline stage): "
-                   + ", ".join(f"{k} {v / 60:.1f} min" for k, v in ran.items())
-                   + f"; total {sum(ran.values()) / 60:.0f} min.")
+        out += ["", "Measured (this run, per pipeline stage): " + ", ".join(f"{k} {_dur(v)}" for k, v in ran.items())
+                + f"; total {_dur(sum(ran.values()))}."]
     env = doc.get("environment") or {}
     if env:
         out += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + "."]
     return "\n".join(out) + "\n"
+
+
+def _dur(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _cell(v: Any) -> str:
@@ -238,3 +296,18 @@ def _cell(v: Any) -> str:
 
 def _seq(xs: list[float]) -> str:
     return ", ".join(f"{x:.1f}" for x in xs) or "-"
+
+
+def planned_doc(preset: str, command: str, estimate: dict[str, float], measured: dict[str, Any]) -> dict[str, Any]:
+    """The report before the run of record: the same structure, no results, the estimate and what it rests on."""
+    empty = summarise({"results": {}}, {}, {})
+    return {"status": "not run yet (estimate only): the run needs this 2-core machine to itself for about the "
+                      "estimated time below", "preset": preset, "command": command, "script": SCRIPT,
+            "recipe": recipe(preset), **empty, "speed": None, "stage_seconds": {}, "estimate_seconds": estimate,
+            "estimate_measurements": measured}
+
+
+def write_plan(folder: str, doc: dict[str, Any]) -> None:
+    """``replication.json`` / ``replication.md`` of a planned (not yet run) replication."""
+    write_json(join(folder, "replication.json"), doc)
+    write_bytes(join(folder, "replication.md"), render_markdown(doc).encode())
