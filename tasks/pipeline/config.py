@@ -112,4 +112,10 @@ PIPELINE = CommandSpec(
 One parent flow; each stage is a sub-flow whose result is recorded in OUT/_pipeline/<stage>.json with the
 fingerprint of its config, so a rerun skips finished stages (and a stage whose config changed runs again,
 with everything downstream of it). Stages: vocab (when no --tokenizer) -> prepare (+ held-out) -> pretrain
-(when no --teacher) -> distill -> evaluate -> fill-mask -> OUT/report.md.""")
+(when no --teacher) -> distill -> evaluate -> fill-mask -> OUT/report.md.
+
+    python scripts/replicate.py --output runs/replicate          # --preset replicate on the shared text
+
+--preset replicate reproduces DistilBERT's claims at the scale of 2 CPU cores (~2 h): with --glue-dir it also
+fine-tunes teacher, student, both from scratch and the task-distilled student on SST-2 and MRPC (3 seeds) and
+writes OUT/replication.md and OUT/replication.json (docs/replication.md).""")
