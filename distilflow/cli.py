@@ -6,7 +6,8 @@ config module. The job itself (Prefect flows, torch) is imported only when the c
 
 Errors: a :class:`~distilflow.tasks.core.errors.UserError` (bad option, missing file, refused resume ...)
 prints one line ``distilflow COMMAND: error: ...`` and exits 2; anything else is a bug and shows its
-traceback (exit 1). Ctrl-C exits 130 and keeps finished work.
+traceback (exit 1). Ctrl-C exits 130 (SIGTERM: 143) within seconds, stops every process the command
+started, and keeps finished work.
 """
 
 from __future__ import annotations
@@ -125,27 +126,52 @@ def main(argv: list[str] | None = None) -> int:
 
     configure(verbose=args.verbose)
     from distilflow.flows.prefect_api import start_temporary_server, wait_ready
+    from distilflow.tasks.core.procs import SignalGuard
 
-    try:
-        if "spec" not in vars(args):  # TRANSITION: legacy command
-            if args.command not in NO_FLOW_RUN:
-                start_temporary_server()
-                wait_ready()
-            return int(args.func(args) or 0)
-        cfg = args.spec.config_from(args)
-        if args.command not in NO_FLOW_RUN:  # without PREFECT_API_URL: the temporary server boots while the
-            start_temporary_server()         # job imports Prefect and torch (flows/prefect_api.py)
-        run = args.spec.runner()
-        getattr(run, "preload", lambda cfg: None)(cfg)  # e.g. the model, also while the server boots
-        wait_ready()
-        return int(run(cfg) or 0)
-    except UserError as e:
-        print(f"distilflow {args.command}: error: {_one_line(e)}", file=sys.stderr)
+    # SIGTERM/SIGINT stop every process this command started within seconds (tasks/core/procs.py)
+    with SignalGuard(on_deadline=lambda signum: _interrupted(args.command)) as guard:
+        try:
+            if "spec" not in vars(args):  # TRANSITION: legacy command
+                if args.command not in NO_FLOW_RUN:
+                    start_temporary_server()
+                    wait_ready()
+                return int(args.func(args) or 0)
+            cfg = args.spec.config_from(args)
+            if args.command not in NO_FLOW_RUN:  # without PREFECT_API_URL: the temporary server boots while the
+                start_temporary_server()         # job imports Prefect and torch (flows/prefect_api.py)
+            if isinstance(getattr(cfg, "output", None), str):  # a file in the way, a read-only folder: now
+                from distilflow.tasks.core.lock import check_output
+
+                check_output(cfg.output)
+            run = args.spec.runner()
+            getattr(run, "preload", lambda cfg: None)(cfg)  # e.g. the model, also while the server boots
+            wait_ready()
+            return int(run(cfg) or 0)
+        except UserError as e:
+            print(f"distilflow {args.command}: error: {_one_line(e)}", file=sys.stderr)
+            return 2
+        except BaseException as e:  # Ctrl-C, SIGTERM (ours, or Prefect's TerminationSignal)
+            signum = _stop_signal(e)
+            if signum is None:
+                raise
+            guard.stop_all()
+            _interrupted(args.command)
+            return 128 + signum
+
+
+def _stop_signal(e: BaseException) -> int | None:
+    """The signal that stopped the command (2 = SIGINT, 15 = SIGTERM), None for any other exception."""
+    if isinstance(e, KeyboardInterrupt):
         return 2
-    except KeyboardInterrupt:
-        print(f"distilflow {args.command}: interrupted; finished work is kept, rerun the same command to resume",
-              file=sys.stderr)
-        return 130
+    signum = getattr(e, "signum", None) or getattr(e, "signal", None)
+    if type(e).__name__ in ("Interrupted", "TerminationSignal") and isinstance(signum, int):
+        return signum
+    return None
+
+
+def _interrupted(command: str) -> None:
+    print(f"distilflow {command}: interrupted; finished work is kept, rerun the same command to resume",
+          file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

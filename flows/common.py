@@ -15,6 +15,7 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from tqdm import tqdm
 
+from distilflow.tasks.core import lock, procs
 from distilflow.tasks.core.config import Config, docstring_args, signature
 from distilflow.tasks.core.markdown import markdown_table as _markdown_table
 from distilflow.tasks.core.terminal import install_prefect_console_filter
@@ -33,6 +34,8 @@ def config_flow(cls: type[Config], *, name: str, defaults: dict[str, Any] | None
     config's fields (typed, with their defaults, help texts as descriptions). ``fixed`` fields are set by
     the flow and are not parameters (``mode="distill"``); ``defaults`` overrides defaults for this flow;
     ``skip`` fields do not apply to this flow (not parameters; the config's default is used).
+    A config with an ``output`` folder holds that folder's exclusive lock while the flow runs: a second run
+    on it refuses with one line naming the holder.
     """
     fixed = fixed or {}
     hidden = (*fixed, *skip)
@@ -43,7 +46,12 @@ def config_flow(cls: type[Config], *, name: str, defaults: dict[str, Any] | None
         flow_defaults = {k: p.default for k, p in sig.parameters.items() if p.default is not p.empty}
 
         def fn(**params: Any) -> T:
-            return body(cls.from_dict({**flow_defaults, **params, **fixed}))
+            cfg = cls.from_dict({**flow_defaults, **params, **fixed})
+            output = getattr(cfg, "output", None)
+            if not isinstance(output, str) or not output:
+                return body(cfg)
+            with lock.hold(output, name):  # one run per output folder (tasks/core/lock.py)
+                return body(cfg)
 
         fn.__signature__ = sig  # type: ignore[attr-defined]
         fn.__name__, fn.__qualname__, fn.__module__ = body.__name__, body.__qualname__, body.__module__
@@ -92,10 +100,17 @@ def worker_processes(workers: int) -> Iterator[None]:
     if workers < 1:  # work in the calling thread
         yield
         return
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    # each worker exits when this process dies, even by SIGKILL (tasks/core/procs.py)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=procs.worker_init,
+                             initargs=(os.getpid(),)) as pool:
         _WORKERS = pool
         try:
             yield
+        except BaseException:  # interrupted or failed: stop the workers now, not after their current units
+            for p in list(getattr(pool, "_processes", {}).values()):
+                p.terminate()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
         finally:
             _WORKERS = None
 

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from distilflow.flows.common import config_flow, make_task_runner, publish, run_in_subflow
 from distilflow.tasks.core.errors import UserError
-from distilflow.tasks.core.io import expand_inputs
+from distilflow.tasks.core.hf import check_model
+from distilflow.tasks.core.io import expand_inputs, folder_identity
 from distilflow.tasks.infer import batch_io as io
 from distilflow.tasks.infer.config import BatchRun, EmbedJob, FillMaskJob, QAJob, WatchConfig, load_job
 from distilflow.tasks.infer.report import add_agreement, files_markdown, summary_lines
@@ -36,14 +37,16 @@ _ROWS: tqdm | None = None  # the stage's rows/s bar, when the file tasks run in 
 
 
 @task(name="batch-inference-file", retries=0)
-def infer_file(unit: tuple[str, str], job_name: str, record: dict[str, Any], output: str) -> dict[str, Any]:
+def infer_file(unit: tuple[str, str], job_name: str, record: dict[str, Any], output: str,
+               model_identity: str | None = None) -> dict[str, Any]:
     """Run one input file through the model into ``<output>/<key>.parquet``; returns its marker."""
     url, key = unit
     cfg, job = load_job(job_name, record)
     stage = io.output_stage(output, job_name, cfg.to_dict(), cfg.output_fingerprint())
     bar = _ROWS
     return io.run_file(job, stage, url, key, keep_columns=cfg.keep_columns, fmt=cfg.format,
-                    window_rows=cfg.window_rows, progress=bar.update if bar is not None else None)
+                       window_rows=cfg.window_rows, progress=bar.update if bar is not None else None,
+                       model=model_identity)
 
 
 def _run(job_name: str, cfg: BatchRun) -> dict[str, Any]:
@@ -58,16 +61,18 @@ def _run_files(job_name: str, cfg: Any) -> dict[str, Any]:
     """Expand the inputs, one task per file (never per row), then the manifest and the artifact."""
     global _ROWS
     record = cfg.record()
-    stage = io.open_output(cfg.output, job_name, record.to_dict(), record.output_fingerprint(), cfg.overwrite)
+    check_model(cfg.model)  # a bad --model is named before anything is written (no poisoned output folder)
+    model_identity = folder_identity(cfg.model)  # its files' hashes: replaced weights rerun every file
     units = io.plan_units(expand_inputs(list(cfg.input)))
+    stage = io.open_output(cfg.output, job_name, record.to_dict(), record.output_fingerprint(), cfg.overwrite)
     progress: Any = create_progress_artifact(progress=0.0, description=f"{job_name} files")
     show = os.environ.get("DISTILFLOW_PROGRESS", "1") != "0"
     with tqdm(desc=job_name, unit="row", disable=not show) as bar:
         _ROWS = bar if cfg.in_process else None
         try:
             file_task = infer_file.with_options(task_run_name=f"{job_name}-{{unit[1]}}")
-            futures = [file_task.submit(u, job_name=job_name, record=record.to_dict(), output=cfg.output)
-                       for u in units]
+            futures = [file_task.submit(u, job_name=job_name, record=record.to_dict(), output=cfg.output,
+                                        model_identity=model_identity) for u in units]
             for done, fut in enumerate(as_completed(futures), start=1):
                 update_progress_artifact(progress, progress=100.0 * done / len(futures))
                 if not cfg.in_process and fut.state.is_completed():
@@ -115,6 +120,7 @@ class _Runner:
         return 0
 
     def preload(self, cfg: Any) -> None:
+        check_model(cfg.model)  # a missing folder, pickle weights, a corrupt tokenizer.json: one line, now
         if cfg.in_process:  # the file task then finds it in the per-process model cache
             load_job(self.job, cfg.record().to_dict())
 

@@ -58,7 +58,11 @@ class TemporaryServer:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory", "prefect.server.api.server:create_app",
              "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            env=env, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            process_group=0)  # its own group: Ctrl-C reaches the command, which stops the server when done
+        from distilflow.tasks.core.procs import stop_last
+
+        stop_last(self.process.pid)  # on SIGTERM/SIGINT the job still reports its final state to it
         self.started = time.perf_counter()
 
     def wait_ready(self, timeout: float) -> float:

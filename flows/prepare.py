@@ -29,7 +29,7 @@ from distilflow.flows.common import (
     worker_processes,
 )
 from distilflow.tasks.core.io import read_json
-from distilflow.tasks.core.stage import StageDir
+from distilflow.tasks.core.stage import StageDir, complete_deps
 from distilflow.tasks.prepare import job
 from distilflow.tasks.prepare.config import (
     MaskJobConfig,
@@ -42,26 +42,32 @@ from distilflow.tasks.prepare.pairs import pairs_part
 from distilflow.tasks.prepare.shard import shard_file
 
 
-def _unit(stage: StageDir, key: str, fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
-    if stage.is_done(key):  # finished by an earlier (killed) run
+def _unit(stage: StageDir, key: str, deps: dict[str, Any] | None, fn: Callable[..., dict[str, Any]],
+          *args: Any) -> dict[str, Any]:
+    if stage.is_done(key, deps):  # finished by an earlier (killed) run, from the same inputs
         return read_json(stage.marker_url(key))
-    return offload(fn, *args)
+    deps = complete_deps(deps) if deps is not None else None  # inputs' content hashes, before they are read
+    stats = offload(fn, *args)
+    if deps is not None:  # what the unit was made from, so that a changed input reruns it (job.StagePlan)
+        stage.record_deps(key, deps)
+    return stats
 
 
 @task(name="shard-file", retries=1, retry_delay_seconds=2)
-def shard_task(key: str, unit: Any, stage: StageDir, record: Any) -> dict[str, Any]:
-    return _unit(stage, key, shard_file, unit, stage, record)
+def shard_task(key: str, unit: Any, stage: StageDir, record: Any, deps: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _unit(stage, key, deps, shard_file, unit, stage, record)
 
 
 @task(name="pairs-part", retries=1, retry_delay_seconds=2)
 def pairs_task(key: str, corpus_url: str, neighbour: str | None, tokenizer: Any, stage: StageDir,
-               record: Any) -> dict[str, Any]:
-    return _unit(stage, key, pairs_part, corpus_url, key, neighbour, stage, record, job.localize(tokenizer))
+               record: Any, deps: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _unit(stage, key, deps, pairs_part, corpus_url, key, neighbour, stage, record, job.localize(tokenizer))
 
 
 @task(name="mask-part", retries=1, retry_delay_seconds=2)
-def mask_task(key: str, pairs_url: str, tokenizer: Any, stage: StageDir, record: Any) -> dict[str, Any]:
-    return _unit(stage, key, mask_part, pairs_url, key, stage, record, job.localize(tokenizer))
+def mask_task(key: str, pairs_url: str, tokenizer: Any, stage: StageDir, record: Any,
+              deps: dict[str, Any] | None = None) -> dict[str, Any]:
+    return _unit(stage, key, deps, mask_part, pairs_url, key, stage, record, job.localize(tokenizer))
 
 
 def _run(plan: job.StagePlan, unit_task: Any, title: str) -> None:
@@ -70,7 +76,7 @@ def _run(plan: job.StagePlan, unit_task: Any, title: str) -> None:
     if len(pending) < len(plan.units):
         get_run_logger().info("%s: %d of %d units already done (resuming)", title, len(plan.units) - len(pending),
                               len(plan.units))
-    futures = [unit_task.submit(k, *plan.units[k], plan.stage, plan.record) for k in pending]
+    futures = [unit_task.submit(k, *plan.units[k], plan.stage, plan.record, deps=plan.deps.get(k)) for k in pending]
     wait_with_progress(futures, title, sizes=[plan.sizes.get(k, 0.0) for k in pending], unit=plan.unit)
 
 

@@ -47,6 +47,30 @@ def check_model_folder(path: str) -> None:
         raise InputError(f"{path}: no model weights (model.safetensors) in the folder")
 
 
+def check_tokenizer_folder(path: str) -> None:
+    """A local tokenizer folder whose ``tokenizer.json`` does not load is named with the fix, before any
+    output is written (instead of a JSONDecodeError traceback from inside the run)."""
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        return
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(file)
+    except Exception as e:  # tokenizers raises plain Exception subclasses for a bad file
+        raise InputError(f"{file}: not a valid tokenizer file ({' '.join(str(e).split())[:120]}); copy the "
+                         "folder again or re-save it with save_pretrained") from e
+
+
+def check_model(path: str) -> None:
+    """Everything a model job can check before it writes anything: the folder (:func:`check_model_folder`)
+    and its tokenizer. Hub ids and remote folders are checked when they load."""
+    if "://" in path or _is_hub_id(path):
+        return
+    check_model_folder(path)
+    check_tokenizer_folder(path)
+
+
 def local_model(path: str) -> str:
     """A local folder for a model/tokenizer ``path``: ``s3://`` (any fsspec URL) folders are fetched into
     the verified local cache (:func:`distilflow.tasks.core.remote.local_copy`); local paths and hub ids

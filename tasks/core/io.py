@@ -14,6 +14,7 @@ URL (:func:`storage_error`).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -67,7 +68,7 @@ def expand_inputs(urls: list[str] | tuple[str, ...]) -> list[str]:
         except (ImportError, ValueError) as e:
             raise InputError(f"{url}: cannot open this URL ({e}); install the fsspec backend for it") from e
         try:
-            if any(c in path for c in "*?["):
+            if any(c in path for c in "*?[") and not fs.exists(path):  # notes[v2].txt that exists is a file
                 found = [p for p in fs.glob(path) if fs.isfile(p)]
             elif fs.isdir(path):  # hidden folders inside it too (an output folder's .distilflow/ bookkeeping)
                 root = path.rstrip("/") + "/"
@@ -83,6 +84,80 @@ def expand_inputs(urls: list[str] | tuple[str, ...]) -> list[str]:
             raise InputError(f"{url}: matched no files")
         out.update(_full_url(fs, p) for p in found)
     return sorted(out)
+
+
+# -- identity of inputs: what a completion marker records, so a changed input is never taken for done ------
+IDENTITY_BLOCK = 1 << 20  # bytes hashed at each end of a large input
+
+
+def file_identity(url: str) -> dict[str, Any]:
+    """``{"url", "size", "mtime", "sample"}`` of one file, cheap whatever its size: ``sample`` is the sha256
+    of the size and the first and last :data:`IDENTITY_BLOCK` bytes (the whole file when it is at most
+    twice that), so an append, a truncation or a rewrite of either end changes it; ``mtime`` is the
+    store's modification time (local mtime in ns, S3 LastModified; None where the store has none).
+    :func:`content_identity` adds the full content hash, which :func:`same_file` falls back on."""
+    fs, path = url_to_fs(url)
+    with remote_errors(url):
+        info = fs.info(path)
+        size = int(info.get("size") or 0)
+        h = hashlib.sha256(f"{size}:".encode())
+        with fs.open(path, "rb") as f:
+            if size <= 2 * IDENTITY_BLOCK:
+                h.update(f.read())
+            else:
+                h.update(f.read(IDENTITY_BLOCK))
+                f.seek(size - IDENTITY_BLOCK)
+                h.update(f.read(IDENTITY_BLOCK))
+    return {"url": url, "size": size, "mtime": _mtime(info), "sample": h.hexdigest()}
+
+
+def content_identity(ident: dict[str, Any]) -> dict[str, Any]:
+    """:func:`file_identity` plus ``sha256`` of the whole content (recorded when a unit reads the file)."""
+    return {**ident, "sha256": ident.get("sha256") or sha256_file(ident["url"])}
+
+
+def same_file(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether the file a unit read (``recorded``) is the file there now (``current``), as git decides it:
+    same size, sampled hash and mtime -> the same; same size and sample but another mtime (touched, copied,
+    re-downloaded) -> compare the full content hash; anything else -> changed."""
+    if recorded.get("size") != current.get("size") or recorded.get("sample") != current.get("sample"):
+        return False
+    if recorded.get("mtime") == current.get("mtime"):
+        return True
+    return bool(recorded.get("sha256")) and recorded["sha256"] == content_identity(current)["sha256"]
+
+
+def _mtime(info: dict[str, Any]) -> str | None:
+    if isinstance(fs_mtime := info.get("mtime"), int | float):  # local: st_mtime (float seconds)
+        return str(int(round(fs_mtime * 1e9)))
+    for key in ("LastModified", "last_modified", "updated", "mtime", "created"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return None
+
+
+def sha256_file(url: str) -> str:
+    """Full sha256 of a file (our own outputs: what a downstream unit depends on)."""
+    h = hashlib.sha256()
+    with fsspec.open(url, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def folder_identity(url: str) -> str:
+    """One digest of every file in a folder (name + :func:`file_identity`), e.g. a model folder: weights,
+    config and tokenizer files. A URL that is not a folder (a hub id) is its own identity."""
+    fs, path = url_to_fs(url)
+    if not fs.isdir(path):
+        return f"name:{url}"
+    root = path.rstrip("/") + "/"
+    files = sorted(p for p in fs.find(path) if not any(s.startswith(".") for s in p[len(root):].split("/")))
+    h = hashlib.sha256()
+    for p in files:
+        ident = file_identity(_full_url(fs, p))
+        h.update(json.dumps([p[len(root):], ident["size"], ident["mtime"], ident["sample"]]).encode())
+    return h.hexdigest()
 
 
 def split_compression(url: str) -> tuple[str, str | None]:

@@ -31,7 +31,9 @@ FORMAT_BY_SUFFIX: dict[str, Format] = {
 # How to fix each kind of bad input: appended to the message so the user knows what to do.
 FIXES: dict[str, str] = {
     "empty_file": "the file has no text; remove it or check the upload",
-    "binary_file": "this is not a text file (NUL bytes found); remove it from the inputs",
+    "binary_file": "this is not a UTF-8 text file (an image, archive or other binary data); remove it from the "
+                   "inputs (if it is text in another encoding, re-encode it as UTF-8)",
+    "empty_document": "the document has no sentence text (only whitespace); nothing to do, or drop it",
     "invalid_utf8": "re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
     "line_too_long": "a single line is longer than max_line_bytes; insert line breaks or raise the limit",
     "malformed_json": "each line must be one JSON object",
@@ -77,26 +79,89 @@ def detect_format(url: str) -> Format:
     return fmt
 
 
+# -- binary detection ------------------------------------------------------------------------------------
+SNIFF_BYTES = 8192  # what git and `file` look at: the first 8 KiB decide text or binary
+# Bytes that never occur in text: C0 controls other than \t \n \v \f \r and ESC (ANSI colours), and DEL.
+_CONTROL = bytes(b for b in range(32) if b not in b"\t\n\x0b\x0c\r\x1b") + b"\x7f"
+BINARY_SHARE = 0.10  # above this share of control or undecodable bytes the file is binary
+
+
+def binary_reason(head: bytes) -> str | None:
+    """Why ``head`` (a file's first :data:`SNIFF_BYTES`, decompressed) is not text, or None if it is text.
+
+    Like git (a NUL byte) and ``file`` (bytes outside the text set): a NUL byte, or more than
+    :data:`BINARY_SHARE` of control bytes or of bytes that are not valid UTF-8. A Latin-1 text (a few
+    accented letters) stays text, so its lines are quarantined one by one with the re-encoding fix."""
+    head = head[:SNIFF_BYTES]
+    if not head:
+        return None
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16 text (byte-order mark)"
+    if b"\x00" in head:
+        return "NUL bytes in the first 8 KiB"
+    control = len(head) - len(head.translate(None, _CONTROL))
+    if control > BINARY_SHARE * len(head):
+        return f"{control / len(head):.0%} control bytes in the first 8 KiB"
+    body = head if len(head) < SNIFF_BYTES else head[: len(head) - 3]  # a character cut at the end is fine
+    undecodable = len(body) - len(body.decode("utf-8", "ignore").encode("utf-8"))
+    if undecodable > BINARY_SHARE * max(len(body), 1):
+        return f"{undecodable / len(body):.0%} of the first 8 KiB is not UTF-8"
+    return None
+
+
+class Sniffed(io.RawIOBase):
+    """A binary stream whose first block has been read (to sniff it) and is handed out again first."""
+
+    def __init__(self, head: bytes, f: IO[bytes]) -> None:
+        self.head, self.f = memoryview(head), f
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        if len(self.head):
+            n = min(len(b), len(self.head))
+            b[:n] = self.head[:n]
+            self.head = self.head[n:]
+            return n
+        data = self.f.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+
+def sniff(f: IO[bytes]) -> tuple[str | None, IO[bytes]]:
+    """(:func:`binary_reason` of the stream's first block, a stream that still starts at its first byte)."""
+    head = b""
+    while len(head) < SNIFF_BYTES:  # compressed and remote streams may return short reads
+        more = f.read(SNIFF_BYTES - len(head))
+        if not more:
+            break
+        head += more
+    return binary_reason(head), io.BufferedReader(Sniffed(head, f), buffer_size=1 << 20)
+
+
 def iter_lines(f: IO[bytes], url: str, max_line_bytes: int, start_line: int = 0) -> Iterator[tuple[int, str] | BadRecord]:
     """Yield ``(line_no, text)`` without the line ending, or BadRecord for undecodable/huge lines.
 
     A line longer than ``max_line_bytes`` is skipped in chunks (never held whole in memory).
-    The first chunk is checked for NUL bytes: a binary file is reported once and not read further.
-    ``start_line`` > 0: ``f`` continues a file after that many lines (no empty/binary/BOM checks).
+    The first block is sniffed (:func:`binary_reason`): a binary file is reported once, as one
+    ``binary_file`` record, and not read further. ``start_line`` > 0: ``f`` continues a file after that
+    many lines (no empty/binary/BOM checks).
     """
     line_no = start_line
     first = start_line == 0
+    if first:
+        why, f = sniff(f)
+        if why is not None:
+            yield BadRecord(url, None, "binary_file", why)
+            return
     while True:
         raw = f.readline(max_line_bytes + 1)
         if not raw:
             if first:
                 yield BadRecord(url, None, "empty_file")
             return
-        if first:
-            first = False
-            if b"\x00" in raw[:8192]:
-                yield BadRecord(url, None, "binary_file")
-                return
+        first = False
         line_no += 1
         if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
             size = len(raw)
@@ -170,6 +235,10 @@ def _iter_jsonl(f: IO[bytes], url: str, text_field: str, max_line_bytes: int,
 def _iter_csv(f: IO[bytes], url: str, text_field: str, keep_fields: tuple[str, ...]) -> Iterator[Record | BadRecord]:
     base, _ = split_compression(url)
     delimiter = "\t" if base.endswith(".tsv") else ","
+    why, f = sniff(f)
+    if why is not None:
+        yield BadRecord(url, None, "binary_file", why)
+        return
     text_io = codecs.getreader("utf-8")(f, "strict")
     reader = csv.DictReader(_strip_bom(text_io), delimiter=delimiter)
     row_no = 1  # the header is line 1

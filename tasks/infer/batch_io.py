@@ -38,13 +38,13 @@ import pyarrow.parquet as pq
 from distilflow.tasks.core.io import (
     PARQUET_WRITE_OPTS,
     atomic_open,
-    file_size,
+    file_identity,
     join,
     open_input,
     split_compression,
 )
 from distilflow.tasks.core.readers import FIXES, BadRecord, Record, detect_format, iter_records
-from distilflow.tasks.core.stage import StageDir
+from distilflow.tasks.core.stage import StageDir, complete_deps, deps_unchanged
 
 T = TypeVar("T")
 
@@ -403,17 +403,23 @@ def run_file(
     fmt: str = "parquet",
     window_rows: int = 4096,
     progress: Callable[[int], None] | None = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
     """Process one input file into ``<stage>/<key>.parquet`` (or ``.json``); returns its done marker.
 
-    Skips the file when its marker exists for the same input URL and size (resume). The marker is
-    written only after the output and errors file are in place.
+    Skips the file when its marker records the same input URL and identity (size, mtime, content hash)
+    and the same ``model`` identity (:func:`~distilflow.tasks.core.io.folder_identity`): a grown input or
+    replaced weights are run again. The marker is written only after the output and errors file are in
+    place.
     """
-    size = file_size(url)
-    if stage.is_done(key):
-        marker = stage.done_markers().get(key, {})
-        if marker.get("input") == url and marker.get("input_size") == size:
-            return {**marker, "skipped_done": True}
+    current = {"input": file_identity(url), **({"model": model} if model is not None else {})}
+    marker = stage.marker(key)
+    if marker is not None and deps_unchanged(marker.get("deps"), current):
+        return {**marker, "skipped_done": True}
+    if marker is not None:
+        stage.invalidate(key, marker)
+    deps = complete_deps(current)  # before reading: a file that changes while it is read is redone next time
+    size = current["input"]["size"]
     out_name = f"{key}.{'json' if fmt == 'json' else 'parquet'}"
     out_url = join(stage.url, out_name)
     keep_types = keep_column_types(url, keep_columns) if fmt != "json" else {}
@@ -425,6 +431,7 @@ def run_file(
     counts: Counter[str] = Counter()
     stats: Counter[str] = Counter()
     n_rows = 0
+    written = 0  # input rows with output (counted from what is written: the manifest checks the sum)
     writer: ParquetStreamWriter | JsonArrayWriter
     writer = JsonArrayWriter(out_url) if fmt == "json" else ParquetStreamWriter(out_url, schema)
     with writer:
@@ -438,6 +445,7 @@ def run_file(
             errors.extend(e.to_dict() for e in bad)
             counts.update(e.reason for e in bad)
             stats.update(res.stats)
+            written += len({i for i, obj in res.json_items if obj is not None} if fmt == "json" else set(res.row_ids))
             if isinstance(writer, JsonArrayWriter):
                 writer.write_rows(res.json_items)
             else:
@@ -466,8 +474,10 @@ def run_file(
                    **{k: v for k, v in stats.items()}},
         "skipped": dict(sorted(counts.items())),
         "errors_file": errors_file,
+        # every row, and each whole-file problem (binary, empty, unreadable ...) as one record
+        "records": {"read": n_rows + len(errors) - bad_rows, "written": written},
     }
-    stage.mark_done(key, marker)
+    stage.mark_done(key, marker, deps=deps)
     return marker
 
 

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from distilflow.tasks.core.errors import InputError, ResumeError
-from distilflow.tasks.core.io import exists, expand_inputs, file_size, is_local, join
-from distilflow.tasks.core.stage import StageDir, read_manifest
+from distilflow.tasks.core.io import exists, expand_inputs, file_identity, is_local, join, sha256_file
+from distilflow.tasks.core.lock import hold
+from distilflow.tasks.core.stage import StageDir, complete_deps, read_manifest, token_counts_url
 from distilflow.tasks.prepare.config import (
     MaskOptions,
     PairsOptions,
@@ -39,9 +40,23 @@ class StagePlan:
     sizes: dict[str, float] = field(default_factory=dict)
     unit: str = "MB"  # what ``sizes`` count (the progress bar's rate: MB/s or tokens/s)
     tokenizer: str = ""  # local tokenizer folder the units load (pairs, mask)
+    # what each unit's output is made from (input file identity, upstream part sha256): a unit is done only
+    # when its marker records the same; stale units lose their outputs and run again (tasks/core/stage.py)
+    deps: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def pending(self) -> list[str]:
-        return [k for k in self.units if not self.stage.is_done(k)]
+        if not self.deps:
+            return [k for k in self.units if not self.stage.is_done(k)]
+        return self.stage.pending({k: self.deps[k] for k in self.units})
+
+    def run_unit(self, key: str, fn: Any, *args: Any) -> dict[str, Any]:
+        """``fn(*args)`` (writes the unit's outputs and marker), then the unit's deps into its marker: a run
+        killed in between leaves a marker without deps, which counts as not done."""
+        deps = complete_deps(self.deps[key]) if key in self.deps else None  # before the inputs are read
+        stats = fn(*args)
+        if deps is not None:
+            self.stage.record_deps(key, deps)
+        return stats
 
 
 # -- tokenizer ---------------------------------------------------------------------------------------------
@@ -99,6 +114,10 @@ def preflight(cfg: Any) -> None:
         expand_inputs(list(cfg.inputs))
     if isinstance(cfg, PairsOptions) and is_local(cfg.tokenizer) and not os.path.isdir(cfg.tokenizer):
         raise InputError(f"--tokenizer {cfg.tokenizer}: no such folder (expected a folder with tokenizer.json)")
+    if isinstance(cfg, PairsOptions) and is_local(cfg.tokenizer):
+        from distilflow.tasks.core.hf import check_tokenizer_folder
+
+        check_tokenizer_folder(cfg.tokenizer)  # a corrupt tokenizer.json: one line before any output
 
 
 # -- planning ----------------------------------------------------------------------------------------------
@@ -115,8 +134,15 @@ def plan_shard(cfg: ShardOptions, overwrite: bool = False) -> StagePlan:
     stage = StageDir(cfg.output, "corpus", {**record.to_dict(), "inputs": files}, record.fingerprint() + _hash(files))
     stage.open(overwrite)
     units = plan_shard_units(files)
+    idents = {u.key: file_identity(u.url) for u in units}  # size, mtime, content hash: a grown file reruns
     return StagePlan(stage, record, {u.key: (u,) for u in units},
-                     sizes={u.key: file_size(u.url) / 1e6 for u in units}, unit="MB")
+                     sizes={k: i["size"] / 1e6 for k, i in idents.items()}, unit="MB",
+                     deps={k: {"input": i} for k, i in idents.items()})
+
+
+def _part_sha(stage_url: str, f: dict[str, Any]) -> str:
+    """sha256 of an upstream part (recorded in its manifest; computed for folders written before that)."""
+    return f.get("sha256") or sha256_file(join(stage_url, f["file"]))
 
 
 def plan_pairs(cfg: PairsOptions, overwrite: bool = False) -> StagePlan:
@@ -131,14 +157,19 @@ def plan_pairs(cfg: PairsOptions, overwrite: bool = False) -> StagePlan:
     stage.open(overwrite)
     corpus_url = join(cfg.output, "corpus")
     parts = [f["file"] for f in corpus["files"]]
+    shas = [_part_sha(corpus_url, f) for f in corpus["files"]]
     info = tokenizer_info(tok_url)
     units: dict[str, tuple[Any, ...]] = {}
+    deps: dict[str, dict[str, Any]] = {}
     for i, p in enumerate(parts):
         # a part holding a single document borrows its random B documents from the next part
-        neighbour = join(corpus_url, parts[(i + 1) % len(parts)]) if len(parts) > 1 else None
+        j = (i + 1) % len(parts)
+        neighbour = join(corpus_url, parts[j]) if len(parts) > 1 else None
         units[p.removesuffix(".parquet")] = (join(corpus_url, p), neighbour, info)
+        deps[p.removesuffix(".parquet")] = {"corpus": shas[i], "neighbour": shas[j] if neighbour else None}
+    stage.prune(list(units))  # pairs of corpus parts that are gone (an input that shrank)
     sizes = {f["file"].removesuffix(".parquet"): f.get("chars", 0) / 1e6 for f in corpus["files"]}
-    return StagePlan(stage, record, units, sizes=sizes, unit="MB", tokenizer=tok_url)
+    return StagePlan(stage, record, units, sizes=sizes, unit="MB", tokenizer=tok_url, deps=deps)
 
 
 def plan_mask(cfg: MaskOptions, overwrite: bool = False) -> StagePlan:
@@ -152,8 +183,12 @@ def plan_mask(cfg: MaskOptions, overwrite: bool = False) -> StagePlan:
     pairs_url = join(cfg.output, "pairs")
     info = tokenizer_info(tok_url)
     units = {f["file"].removesuffix(".parquet"): (join(pairs_url, f["file"]), info) for f in pairs["files"]}
+    # frequency-smoothed masking reads the token counts of *all* parts: then every unit depends on them
+    counts = {"token_counts": sha256_file(token_counts_url(cfg.output))} if record.smoothing > 0 else {}
+    deps = {f["file"].removesuffix(".parquet"): {"pairs": _part_sha(pairs_url, f), **counts} for f in pairs["files"]}
+    stage.prune(list(units))
     sizes = {f["file"].removesuffix(".parquet"): float(f.get("tokens", 0)) for f in pairs["files"]}
-    return StagePlan(stage, record, units, sizes=sizes, unit="tok", tokenizer=tok_url)
+    return StagePlan(stage, record, units, sizes=sizes, unit="tok", tokenizer=tok_url, deps=deps)
 
 
 def tokenizer_info(url: str) -> Any:
@@ -264,18 +299,19 @@ def run_local(cfg: Any) -> dict[str, dict[str, Any]]:
     from distilflow.tasks.prepare.shard import shard_file
 
     out = {}
-    plan = plan_shard(cfg, cfg.overwrite)
-    for key in plan.pending():
-        shard_file(*plan.units[key], plan.stage, plan.record)
-    out["corpus"] = finish_stage(plan)
-    plan = plan_pairs(cfg, cfg.overwrite)
-    for key in plan.pending():
-        corpus_url, neighbour, info = plan.units[key]
-        pairs_part(corpus_url, key, neighbour, plan.stage, plan.record, localize(info))
-    out["pairs"] = finish_stage(plan)
-    plan = plan_mask(cfg, cfg.overwrite)
-    for key in plan.pending():
-        pairs_url, info = plan.units[key]
-        mask_part(pairs_url, key, plan.stage, plan.record, localize(info))
-    out["masked"] = finish_stage(plan)
+    with hold(cfg.output, "prepare"):
+        plan = plan_shard(cfg, cfg.overwrite)
+        for key in plan.pending():
+            plan.run_unit(key, shard_file, *plan.units[key], plan.stage, plan.record)
+        out["corpus"] = finish_stage(plan)
+        plan = plan_pairs(cfg, cfg.overwrite)
+        for key in plan.pending():
+            corpus_url, neighbour, info = plan.units[key]
+            plan.run_unit(key, pairs_part, corpus_url, key, neighbour, plan.stage, plan.record, localize(info))
+        out["pairs"] = finish_stage(plan)
+        plan = plan_mask(cfg, cfg.overwrite)
+        for key in plan.pending():
+            pairs_url, info = plan.units[key]
+            plan.run_unit(key, mask_part, pairs_url, key, plan.stage, plan.record, localize(info))
+        out["masked"] = finish_stage(plan)
     return out

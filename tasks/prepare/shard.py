@@ -26,7 +26,14 @@ import pyarrow as pa
 
 from distilflow.tasks.core.config import Config, require
 from distilflow.tasks.core.io import ParquetRowGroups, file_size, join, open_input, release_memory
-from distilflow.tasks.core.readers import BadRecord, detect_format, iter_lines, iter_records
+from distilflow.tasks.core.readers import (
+    SNIFF_BYTES,
+    BadRecord,
+    binary_reason,
+    detect_format,
+    iter_lines,
+    iter_records,
+)
 from distilflow.tasks.core.stage import StageDir
 from distilflow.tasks.prepare.sentences import SPLITTER_VERSION, normalize_whitespace, split_sentences
 
@@ -114,15 +121,15 @@ def _text_documents(url: str, f, cfg: ShardConfig) -> Iterator[tuple[str, int] |
 
     The same documents as :func:`_line_documents` (the per-line reference, kept for everything unusual):
     a block is handed to it, with the rest of the file, as soon as it holds invalid UTF-8, a line longer
-    than ``max_line_bytes``, a NUL byte at the start of the file, or a document that may need cutting
+    than ``max_line_bytes``, a binary first block (readers.binary_reason), or a document that may need cutting
     (``>= max_doc_bytes``). Document texts differ only in whitespace, which sentence splitting collapses.
     """
     pending = b""  # bytes from a document boundary on, not processed yet
     lines_before = 0  # lines of the file before ``pending``
     start = True  # the next chunk starts the file (byte-order mark)
     max_pending = max(4 * BLOCK_BYTES, cfg.max_doc_bytes)
-    raw = f.read(BLOCK_BYTES)
-    if not raw or b"\x00" in raw[:8192]:  # empty or binary: reported by the reference
+    raw = f.read(max(BLOCK_BYTES, SNIFF_BYTES))  # at least what the binary check looks at
+    if not raw or binary_reason(raw[:SNIFF_BYTES]) is not None:  # empty or binary: reported by the reference
         yield from _line_documents(url, _Prefixed(raw, f), cfg)
         return
     while True:
@@ -282,19 +289,26 @@ def shard_file(unit: ShardUnit, stage: StageDir, cfg: ShardConfig) -> dict[str, 
                       "chars": part_chars, "tokens": 0})
         writer, part_chars, part_rows, part_sentences = None, 0, 0, 0
 
+    read = 0  # records the reader gave (documents, bad lines/rows, a whole bad file): = written + quarantined
+
+    def quarantine(rec: BadRecord) -> None:
+        skipped[rec.reason] += 1
+        bad.append(rec.to_dict() | {"message": rec.message()})
+
     try:
         for item in iter_documents(unit, cfg):
             if isinstance(item, BadRecord):
-                if item.reason == "doc_split_too_long":
+                if item.reason == "doc_split_too_long":  # a note on the document before it, not a record
                     counts["documents_split"] += 1
                     continue
-                skipped[item.reason] += 1
-                bad.append(item.to_dict() | {"message": item.message()})
+                read += 1
+                quarantine(item)
                 continue
-            text, _line = item
+            read += 1
+            text, line = item
             sentences = to_sentences(text, cfg)
             if not sentences:
-                skipped["empty_document"] += 1
+                quarantine(BadRecord(unit.url, line or None, "empty_document"))
                 continue
             rows["doc_id"].append(f"{unit.rel}#{doc_no}")
             rows["source"].append(unit.url)
@@ -320,7 +334,7 @@ def shard_file(unit: ShardUnit, stage: StageDir, cfg: ShardConfig) -> dict[str, 
     counts["input_files"] = 1
     errors_file = stage.write_errors(unit.key, bad)
     stats = {"files": files, "counts": dict(counts), "skipped": dict(skipped), "errors_file": errors_file,
-             "input": unit.url}
+             "input": unit.url, "records": {"read": read, "written": sum(f["rows"] for f in files)}}
     stage.mark_done(unit.key, stats)
     release_memory()
     return stats

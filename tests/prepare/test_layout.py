@@ -31,9 +31,11 @@ def _tree(root: Path) -> dict[str, bytes]:
 def _inputs(d: Path) -> list[str]:
     d.mkdir(parents=True, exist_ok=True)
     text = (GUTENBERG / "pg11.txt").read_text(encoding="utf-8")
-    (d / "a.txt").write_text(text[:30000], encoding="utf-8")
-    (d / "b.txt").write_text(text[30000:50000], encoding="utf-8")
-    (d / "c.jsonl").write_text('{"text": "One sentence here. And another one."}\n{broken\n', encoding="utf-8")
+    files = {"a.txt": text[:30000], "b.txt": text[30000:50000],
+             "c.jsonl": '{"text": "One sentence here. And another one."}\n{broken\n'}
+    for name, content in files.items():  # written once: the markers record each input's mtime (issue 14)
+        if not (d / name).exists() or (d / name).read_text(encoding="utf-8") != content:
+            (d / name).write_text(content, encoding="utf-8")
     return [str(d)]
 
 
