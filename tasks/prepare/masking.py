@@ -106,12 +106,13 @@ def mask_flat(
         return masked, labels
 
     lengths = np.diff(offsets)
-    seq_of_token = np.repeat(np.arange(n_seq), lengths)  # [T]
-    cand = ~vocab.is_special[ids]  # [T] bool: may be selected
-    cand_pos = np.flatnonzero(cand)  # [C] positions of candidates
+    # Index arrays are int32 where they fit and are dropped as soon as they are used: a batch of ~1 M
+    # tokens otherwise peaks at ~75 MB of int64 temporaries (the values, and so the masks, are the same).
+    seq_dtype = np.int32 if n_seq < 2**31 else np.int64
+    cand_pos = np.flatnonzero(~vocab.is_special[ids])  # [C] positions of candidates (may be selected)
     if len(cand_pos) == 0:
         return masked, labels
-    cand_seq = seq_of_token[cand_pos]  # [C]
+    cand_seq = np.repeat(np.arange(n_seq, dtype=seq_dtype), lengths)[cand_pos]  # [C] sequence of each
 
     # Budget per sequence: round(p * n_candidates), at least 1, at most max_predictions.
     n_cand = np.bincount(cand_seq, minlength=n_seq)
@@ -139,7 +140,10 @@ def mask_flat(
     u = rng.random(n_units)
     prio_bits = 62 - n_seq.bit_length()  # (sequence << prio_bits) | priority fits in an int64
     if weights is None:  # u in [0, 1), so floor(u * 2**prio_bits) fits in prio_bits bits
-        prio = (1 << prio_bits) - 1 - (u * float(1 << prio_bits)).astype(np.int64)
+        u *= float(1 << prio_bits)
+        prio = u.astype(np.int64)
+        del u
+        np.subtract((1 << prio_bits) - 1, prio, out=prio)
     else:
         if n_units >= 1 << prio_bits:
             raise ValueError(f"mask_flat: batch too large ({n_units} units in {n_seq} sequences)")
@@ -149,7 +153,12 @@ def mask_flat(
     # Units ordered by sequence, then by priority. (np.lexsort((-key, unit_seq)) does the same ~6x
     # slower; numpy sorts int64 with SIMD.) unit_seq is non-decreasing, so unit_seq[j] is also the
     # sequence of the j-th unit in this order.
-    order = np.argsort((unit_seq.astype(np.int64) << prio_bits) | prio)
+    key = unit_seq.astype(np.int64)
+    key <<= prio_bits
+    key |= prio
+    del prio
+    order = np.argsort(key)
+    del key
     if unit_first is not None:
         unit_size = np.diff(np.append(unit_first, len(cand_pos)))  # [U] pieces per word
         take_sorted = _take_within_budget(unit_seq, unit_size[order], budget)
