@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                            "scratch_baselines": True,
                            "finetune": {"lr": 1e-3, "epochs": 1.0, "batch_size": 8, "max_seq_len": 64,
                                         "max_train_examples": 32, "max_eval_examples": 32},
-                           "replication": True, "speed_batch": 8}},
+                           "replication": True, "speed_batch": 8, "speed_rows": 64}},
 }
 PresetName = Literal["debug", "small", "base", "replicate", "replicate-tiny"]
 

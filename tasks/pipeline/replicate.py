@@ -116,6 +116,7 @@ def measure_speed(models: dict[str, str], texts: list[str], batch_size: int, max
 
     loaded = {name: load_pretrained(AutoModelForSequenceClassification, path).eval() for name, path in models.items()}
     tok = AutoTokenizer.from_pretrained(next(iter(models.values())))
+    max_len = min([max_len, *(m.config.max_position_embeddings for m in loaded.values())])
     batches = [tok(texts[i:i + batch_size], truncation=True, max_length=max_len, padding=True, return_tensors="pt")
                for i in range(0, len(texts), batch_size)]
     best = dict.fromkeys(loaded, float("inf"))
@@ -200,14 +201,16 @@ def write_replication(output: str, eval_dir: str, teacher: str, student: str, gl
     classifiers = {arch: results[f"sst2{sfx}"]["runs"][0]["model_dir"]
                    for arch, sfx in (("teacher", "-teacher"), ("student", "")) if results.get(f"sst2{sfx}", {}).get("runs")}
     texts = [e.text_a for e in read_glue_file(find_task_files(glue_dir, "sst2").dev, "sst2").examples][:speed_rows]
-    rows_per_s = measure_speed(classifiers, texts, speed_batch) if len(classifiers) == 2 else {}
+    max_len = int(report["config"].get("max_seq_len") or 128)  # what the classifiers were fine-tuned with
+    rows_per_s = measure_speed(classifiers, texts, speed_batch, max_len=max_len) if len(classifiers) == 2 else {}
     params = {"teacher": count_params(teacher), "student": count_params(student)}
     summary = summarise(report, params, rows_per_s)
     import torch
 
-    doc = {"status": "run", "preset": preset, "command": command, "script": SCRIPT, "recipe": recipe(preset),
+    script = SCRIPT if preset == "replicate" else f"python scripts/replicate.py --output {output} --tiny"
+    doc = {"status": "run", "preset": preset, "command": command, "script": script, "recipe": recipe(preset),
            **summary,
-           "speed": {"batch_size": speed_batch, "rows": len(texts), "threads": torch.get_num_threads(),
+           "speed": {"batch_size": speed_batch, "rows": len(texts), "threads": torch.get_num_threads(), "max_len": max_len,
                      "inputs": "SST-2 dev sentences, each model's SST-2 classifier (seed 1 of 3)"},
            "finetuning": {k: report["config"].get(k) for k in ("lr", "epochs", "batch_size", "max_seq_len", "seeds",
                                                               "kd_temperature", "kd_alpha", "max_train_examples")},
