@@ -10,7 +10,6 @@ teachers and students, evaluation writes fine-tuned models and adds its bias-pro
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,12 +82,12 @@ class ModelCard:
 
 
 def write_model_card(folder: str, card: ModelCard) -> str:
-    """Write ``folder/README.md`` (atomically: a reader never sees half a card); returns its path."""
-    path = os.path.join(folder, "README.md")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(card.render())
-    os.replace(tmp, path)
+    """Write ``folder/README.md`` (atomically: a reader never sees half a card; a local folder or a URL);
+    returns its path."""
+    from distilflow.tasks.core.io import join, write_bytes
+
+    path = join(folder, "README.md")
+    write_bytes(path, card.render().encode("utf-8"))
     return path
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from distilflow.tasks.core.config import Config, require
-from distilflow.tasks.core.hf import load_pretrained, resolve_device
+from distilflow.tasks.core.hf import load_pretrained, local_model, resolve_device
 from distilflow.tasks.prepare.masking import Vocab
 
 MASK = "[MASK]"
@@ -92,8 +92,9 @@ def run_bias_probe(model_path: str, cfg: BiasConfig | None = None, tokenizer_pat
 
     cfg = cfg or BiasConfig()
     device = resolve_device(cfg.device)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
-    model = load_pretrained(AutoModelForMaskedLM, model_path).to(device).eval()
+    local = local_model(model_path)  # an s3:// model: listed and verified once, model and tokenizer read from it
+    tokenizer = AutoTokenizer.from_pretrained(local_model(tokenizer_path) if tokenizer_path else local)
+    model = load_pretrained(AutoModelForMaskedLM, local).to(device).eval()
     vocab = Vocab.from_tokenizer(tokenizer)
     id2tok = {i: t for t, i in tokenizer.get_vocab().items()}
     out: dict[str, Any] = {"model": model_path, "config": cfg.to_dict(), "templates": []}

@@ -17,6 +17,7 @@ import os
 import re
 from typing import Any
 
+from distilflow.tasks.core.io import exists, join, read_bytes, write_bytes
 from distilflow.tasks.core.model_card import EvalResult, ModelCard, results_table, write_model_card
 from distilflow.tasks.evaluate.config import EvaluateConfig, split_benchmark
 from distilflow.tasks.evaluate.report import BIAS_LEGEND, bias_markdown
@@ -40,14 +41,14 @@ def write_cards(cfg: EvaluateConfig, report: dict[str, Any]) -> list[str]:
         # the base MLM whose bias probe applies: the model, or the teacher for the teacher's own runs
         role = None if variant.endswith("scratch") else ("teacher" if variant == "teacher" else "student")
         for run in res.get("runs", []):
-            if run.get("model_dir") and os.path.isdir(run["model_dir"]):
+            if run.get("model_dir") and exists(join(run["model_dir"], "config.json")):  # local or in a bucket
                 card = finetuned_card(cfg, name, res, run, probes.get(role) if role else None)
                 written.append(write_model_card(run["model_dir"], card))
     paths = {"student": cfg.model, "teacher": cfg.teacher}
     for role, probe in probes.items():
         path = paths.get(role)
         if path and add_bias_section(path, probe):
-            written.append(os.path.join(path, "README.md"))
+            written.append(join(path, "README.md"))
     return written
 
 
@@ -118,11 +119,10 @@ def _usage(model_dir: str, is_squad: bool) -> str:
 def add_bias_section(model_dir: str, probe: dict[str, Any]) -> bool:
     """Add or refresh the bias-probe section of a distilflow model card in ``model_dir``; False when the folder
     has no distilflow card (a model from elsewhere: its card is not ours to edit) or cannot be written."""
-    path = os.path.join(model_dir, "README.md")
+    path = join(model_dir, "README.md")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError:
+        text = read_bytes(path).decode("utf-8")
+    except (OSError, UnicodeDecodeError):
         return False
     if not text.startswith("---\n") or "distilflow" not in text.split("\n---\n", 1)[0]:
         return False
@@ -131,10 +131,7 @@ def add_bias_section(model_dir: str, probe: dict[str, Any]) -> bool:
     pattern = re.compile(rf"^## {BIAS_TITLE}\n.*?(?=^## |\Z)", re.S | re.M)
     new = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
     try:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(new)
-        os.replace(tmp, path)
+        write_bytes(path, new.encode("utf-8"))  # atomic, local or in a bucket
     except OSError:
         return False
     return True

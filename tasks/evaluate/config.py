@@ -66,10 +66,10 @@ class EvaluateConfig(Config):
     """What ``distilflow evaluate`` runs (saved as ``OUT/config.json`` and inside ``results.json``)."""
 
     # -- what to evaluate, where
-    model: str = option(help="local model folder (save_pretrained) with its tokenizer")
+    model: str = option(help="model folder (save_pretrained) with its tokenizer, local or s3:// (fsspec) URL")
     tasks: tuple[str, ...] = option(DEFAULT_TASKS, f"comma-separated benchmarks, from {','.join(BENCHMARKS)}",
                                     sep=",", metavar="TASK,...")
-    output: str = option(help="local output folder (fine-tuned models are written here)")
+    output: str = option(help="output folder or s3:// (fsspec) URL (fine-tuned models are written here)")
     teacher: str | None = option(None, "teacher model folder: scored beside the model on mlm and bias")
     tokenizer: str | None = option(None, "tokenizer folder if the model folder has none")
     # -- data
@@ -154,8 +154,6 @@ class EvaluateConfig(Config):
         unknown = [t for t in self.tasks if t not in BENCHMARKS]
         require(not unknown, n, "tasks", f"unknown task(s) {unknown}; choose from {','.join(BENCHMARKS)}")
         require(len(self.tasks) > 0, n, "tasks", "need at least one task")
-        require("://" not in self.output, n, "output",
-                "must be a local folder (models are saved with save_pretrained)")
         require(_device_ok(self.device), n, "device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if "mlm" in self.tasks:
             require(self.data is not None, n, "data", "task mlm needs --data PREPARED_HELD_OUT_DIR")

@@ -27,8 +27,14 @@ import torch
 from tqdm import tqdm
 
 from distilflow.tasks.core.errors import InputError
-from distilflow.tasks.core.hf import build_model, check_model_folder, load_pretrained, resolve_device
-from distilflow.tasks.core.io import write_json
+from distilflow.tasks.core.hf import (
+    build_model,
+    check_model_folder,
+    load_pretrained,
+    local_model,
+    resolve_device,
+)
+from distilflow.tasks.core.io import join, write_json
 from distilflow.tasks.evaluate import glue as glue_mod
 from distilflow.tasks.evaluate import metrics as M
 from distilflow.tasks.evaluate import squad as squad_mod
@@ -66,11 +72,29 @@ def load_tokenizer(model_path: str, tokenizer_path: str | None = None):
 
     path = tokenizer_path or model_path
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(local_model(path))  # s3:// folders through the verified cache
     except (OSError, ValueError) as e:
         raise FileNotFoundError(
             f"no tokenizer in {path} ({e}); save it next to the model (tokenizer.save_pretrained) or pass "
             "--tokenizer PATH") from e
+
+
+def save_model(model: Any, tokenizer: Any, model_dir: str) -> str:
+    """``save_pretrained`` model and tokenizer into ``model_dir``; a bucket URL gets a local folder uploaded
+    file by file (each atomic, the manifest last: :func:`~distilflow.tasks.core.remote.upload_folder`)."""
+    from distilflow.tasks.core import remote
+
+    if not remote.is_remote(model_dir):
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        return model_dir
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="distilflow-model-") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        remote.upload_folder(tmp, model_dir)
+    return model_dir
 
 
 def _optimizer(model: torch.nn.Module, cfg: FinetuneConfig, total_steps: int):
@@ -159,8 +183,9 @@ def _load_for_finetuning(auto_cls: Any, model_path: str, from_scratch: bool, **k
     hf_logging.set_verbosity_error()  # "newly initialised classifier weights" is expected here
     try:
         if from_scratch:
-            check_model_folder(model_path)
-            return build_model(auto_cls.from_config, AutoConfig.from_pretrained(model_path, **kwargs))
+            local = local_model(model_path)
+            check_model_folder(local)
+            return build_model(auto_cls.from_config, AutoConfig.from_pretrained(local, **kwargs))
         return load_pretrained(auto_cls, model_path, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -299,10 +324,7 @@ def finetune_glue(model_path: str, task: str, train: list[glue_mod.Example], hel
     if teacher:
         result["teacher"] = teacher
     if out_dir:
-        model_dir = os.path.join(out_dir, "model")
-        model.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-        result["model_dir"] = model_dir
+        result["model_dir"] = save_model(model, tokenizer, join(out_dir, "model"))
     return result
 
 
@@ -359,11 +381,8 @@ def finetune_squad(model_path: str, train: list[squad_mod.SquadExample], held_ou
     if teacher:
         result["teacher"] = teacher
     if out_dir:
-        model_dir = os.path.join(out_dir, "model")
-        model.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-        write_json(os.path.join(out_dir, "predictions.json"), predictions)
-        result["model_dir"] = model_dir
+        result["model_dir"] = save_model(model, tokenizer, join(out_dir, "model"))
+        write_json(join(out_dir, "predictions.json"), predictions)
     return result
 
 

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from distilflow.tasks.core.config import Config, require
-from distilflow.tasks.core.hf import load_pretrained, resolve_device
+from distilflow.tasks.core.hf import load_pretrained, local_model, resolve_device
 from distilflow.tasks.core.io import exists, iter_parquet_batches, join, listdir
 from distilflow.tasks.evaluate.finetune import autocast, show_progress
 from distilflow.tasks.evaluate.metrics import perplexity
@@ -84,8 +84,8 @@ def check_tokenizer(model_path: str, data_dir: str) -> None:
     data_tok, model_tok = join(data_dir, "tokenizer"), model_path
     if not (exists(join(data_tok, "tokenizer.json")) and exists(join(model_tok, "tokenizer.json"))):
         return  # nothing to compare; the vocab-size check in evaluate_mlm still applies
-    a = AutoTokenizer.from_pretrained(data_tok).get_vocab()
-    b = AutoTokenizer.from_pretrained(model_tok).get_vocab()
+    a = AutoTokenizer.from_pretrained(local_model(data_tok)).get_vocab()
+    b = AutoTokenizer.from_pretrained(local_model(model_tok)).get_vocab()
     if a != b:
         raise ValueError(f"{model_path} uses a different vocabulary than {data_dir}/tokenizer "
                          f"({len(b)} vs {len(a)} entries); prepare the held-out data with the model's tokenizer")
@@ -161,7 +161,7 @@ def _mask_id(model_path: str, data_dir: str) -> int:
 
     for path in (join(data_dir, "tokenizer"), model_path):
         if exists(join(path, "tokenizer.json")) or exists(join(path, "vocab.txt")):
-            tid = AutoTokenizer.from_pretrained(path).mask_token_id
+            tid = AutoTokenizer.from_pretrained(local_model(path)).mask_token_id
             if tid is not None:
                 return int(tid)
     raise FileNotFoundError(f"no tokenizer in {data_dir}/tokenizer or {model_path}; cannot find the [MASK] id")

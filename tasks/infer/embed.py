@@ -24,8 +24,9 @@ def load_encoder(model: str, device: str = "auto") -> tuple[Any, torch.nn.Module
     from transformers import AutoModel, AutoTokenizer
 
     dev = resolve_device(device)
-    m = load_pretrained(AutoModel, model).eval().to(dev)  # a *ForMaskedLM folder loads its encoder
-    tok = AutoTokenizer.from_pretrained(local_model(model))  # after the model: a missing folder is named as such
+    path = local_model(model)  # once: an s3:// folder is listed and verified once, model and tokenizer read from it
+    m = load_pretrained(AutoModel, path).eval().to(dev)  # a *ForMaskedLM folder loads its encoder
+    tok = AutoTokenizer.from_pretrained(path)  # after the model: a missing folder is named as such
     return tok, m, dev
 
 

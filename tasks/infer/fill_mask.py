@@ -194,7 +194,7 @@ def fast_parts(model_dir: str, model: Any, streams: int, threads: int) -> tuple[
     if view is None or next(model.parameters()).device.type != "cpu":
         raise ConfigError(f"FillMaskConfig.quantize: --fast runs BERT/DistilBERT masked-LM models on a CPU "
                           f"({type(model).__name__}); use --device cpu, or run without --fast")
-    path = int8_trunk_file(view, local_model(model_dir))
+    path = int8_trunk_file(view, local_model(model_dir))  # (a local folder here: FillMasker passes its copy)
     parts = _split_mlm(model, _ort_trunk(str(path), 1 if streams > 1 else threads))
     assert parts is not None
     return parts
@@ -215,14 +215,15 @@ def load_mlm(model: str, device: str = "auto", dtype: str = "auto") -> tuple[Any
     dev = resolve_device(device)
     compute = torch.bfloat16 if (dtype == "bfloat16" or (dtype == "auto" and dev.type == "cuda")) else torch.float32
     kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
+    path = local_model(model)  # once: an s3:// folder is listed and verified once, model and tokenizer read from it
     try:
-        m = load_pretrained(AutoModelForMaskedLM, model, **kwargs)
+        m = load_pretrained(AutoModelForMaskedLM, path, **kwargs)
     except InputError:
         raise
     except (ValueError, ImportError):  # architectures without SDPA support
-        m = load_pretrained(AutoModelForMaskedLM, model)
+        m = load_pretrained(AutoModelForMaskedLM, path)
     m.eval().to(dev)
-    tok = AutoTokenizer.from_pretrained(local_model(model))  # after the model: a missing folder is named as such
+    tok = AutoTokenizer.from_pretrained(path)  # after the model: a missing folder is named as such
     return tok, m, dev, compute
 
 
@@ -235,7 +236,8 @@ class FillMasker:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.tokenizer, self.model, self.device, self.dtype = load_mlm(cfg.model, cfg.device, cfg.dtype)
+        model_dir = local_model(cfg.model)  # an s3:// model: its verified local copy, fetched once per job
+        self.tokenizer, self.model, self.device, self.dtype = load_mlm(model_dir, cfg.device, cfg.dtype)
         self.streams = streams_for(self.device, cfg.threads)  # batches at once (one core each on a CPU)
         tok = self.tokenizer
         if tok.mask_token_id is None:
@@ -252,7 +254,7 @@ class FillMasker:
         self.quant_parts = None
         self._agreement_checked = False
         if cfg.quantize == "int8":  # --fast: the trunk in int8 on ONNX Runtime (tasks/infer/fast.py)
-            self.quant_parts = fast_parts(cfg.model, self.model, self.streams, cfg.threads)
+            self.quant_parts = fast_parts(model_dir, self.model, self.streams, cfg.threads)
         self._token_str: dict[int, str] = {}
 
     def schema(self) -> pa.Schema:

@@ -45,8 +45,9 @@ def load_qa(model: str, device: str = "auto") -> tuple[Any, torch.nn.Module, tor
     from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
     dev = resolve_device(device)
-    m = load_pretrained(AutoModelForQuestionAnswering, model).eval().to(dev)
-    tok = AutoTokenizer.from_pretrained(local_model(model))  # after the model: a missing folder is named as such
+    path = local_model(model)  # once: an s3:// folder is listed and verified once, model and tokenizer read from it
+    m = load_pretrained(AutoModelForQuestionAnswering, path).eval().to(dev)
+    tok = AutoTokenizer.from_pretrained(path)  # after the model: a missing folder is named as such
     if not tok.is_fast:
         raise InputError(f"{model}: batch QA needs a fast tokenizer (tokenizer.json: offsets / word ids)")
     return tok, m, dev

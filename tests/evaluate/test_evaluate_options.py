@@ -140,7 +140,6 @@ def test_glue_names_match_the_task_registry():
     (["--tasks", "nope"], "tasks"),
     (["--dev-split-frac", "1.0"], "dev_split_frac"),
     (["--squad-train-frac", "0"], "squad_train_frac"),
-    (["--output", "s3://bucket/eval"], "output"),
     (["--tasks", "bias", "--bias-template", "no placeholder [MASK]"], "bias_templates"),
     (["--tasks", "mlm"], "data"),
     (["--device", "tpu"], "device"),
@@ -151,6 +150,12 @@ def test_glue_names_match_the_task_registry():
 def test_bad_values_name_the_field(argv, field):
     with pytest.raises(ConfigError, match=rf"EvaluateConfig\.{field}"):
         _parse(["evaluate", "--model", "m", "--output", "o", *argv])
+
+
+def test_bucket_output_and_model_are_accepted():
+    """s3:// outputs and models are valid (issue 15): fine-tuned models are uploaded, models read through the cache."""
+    cfg = _parse(["evaluate", "--model", "s3://bucket/student", "--output", "s3://bucket/eval", "--tasks", "bias"])
+    assert (cfg.model, cfg.output) == ("s3://bucket/student", "s3://bucket/eval")
 
 
 def test_flow_parameters_are_the_config_fields_and_round_trip():

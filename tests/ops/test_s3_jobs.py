@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,10 +19,12 @@ from safetensors.torch import load_file
 
 from distilflow.tasks.core import remote
 from distilflow.tasks.core.errors import InputError
+from tests.evaluate import test_evaluate
 from tests.ops import test_s3
 from tests.ops.test_s3 import _error_line
 
 s3_env = test_s3.s3_env  # the moto S3 server fixture (a fresh endpoint and bucket per test)
+heldout_dir = test_evaluate.heldout_dir  # a tiny prepared held-out folder (module fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -133,9 +136,86 @@ def test_pretrain_into_a_missing_bucket_is_one_line(s3_env, tmp_path, bert_token
     assert main(["pretrain", "--data", str(prepared), "--output", MISSING, "--config", "tiny", "--max-steps", "2",
                  "--threads", "1"]) == 2
     assert time.monotonic() - t0 < 120
-    assert _error_line(capsys.readouterr().err, "pretrain") == (
-        f"distilflow pretrain: error: {MISSING}: the bucket does not exist; create it or fix the URL")
+    line = _error_line(capsys.readouterr().err, "pretrain")  # the URL, or a file under it, is named
+    assert re.fullmatch(rf"distilflow pretrain: error: {MISSING}(/\S+)?: the bucket does not exist; create it or "
+                        "fix the URL", line), line
     with pytest.raises(InputError, match=f"^{MISSING}/teacher: no such file or folder"):
         from distilflow.tasks.train.objectives import load_teacher
 
         load_teacher(MISSING + "/teacher", torch.device("cpu"))
+
+
+def test_fill_mask_qa_embed_read_their_model_from_the_bucket(s3_env, tmp_path, monkeypatch, bert_tokenizer_path,
+                                                             prefect_test_harness_session):
+    """--model s3://... (a clean cache) and --output s3://...: the same rows as the local model and output;
+    an output in a bucket that does not exist is one line naming it, before any model is loaded."""
+    from distilflow.flows.inference import embed_flow, fill_mask_flow, qa_flow
+    from distilflow.tasks.core.io import read_parquet
+    from tests.infer.test_fill_mask import save_tiny_mlm
+    from tests.infer.test_qa_embed import save_tiny_qa
+
+    fs = s3_env
+    mlm = save_tiny_mlm(tmp_path / "mlm", "distilbert", bert_tokenizer_path)
+    qa = save_tiny_qa(tmp_path / "qa", "bert", bert_tokenizer_path)
+    models = {"mlm": (mlm, remote.upload_folder(mlm, "s3://distilflow/models/mlm") and "s3://distilflow/models/mlm"),
+              "qa": (qa, remote.upload_folder(qa, "s3://distilflow/models/qa") and "s3://distilflow/models/qa")}
+    rows = [{"id": i, "text": f"the {w} of the [MASK] was very {w}.", "question": f"what was {w}?",
+             "context": f"the house was {w} and the garden was green."} for i, w in enumerate(["old", "cold", "big"])]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("DISTILFLOW_CACHE", str(tmp_path / "clean-cache"))
+    jobs = [(fill_mask_flow, "mlm", {"top_k": 2}), (embed_flow, "mlm", {}), (qa_flow, "qa", {})]
+    for flow, kind, params in jobs:
+        name = flow.name
+        local_model, url_model = models[kind]
+        want = flow(input=str(tmp_path / "in.jsonl"), output=str(tmp_path / "out" / name), model=local_model,
+                    keep_columns=["id"], **params)
+        got = flow(input=str(tmp_path / "in.jsonl"), output=f"s3://distilflow/out/{name}", model=url_model,
+                   keep_columns=["id"], **params)
+        assert got["rows"] == want["rows"] > 0, (name, got, want)
+        fs.invalidate_cache()
+        [remote_file] = [p for p in fs.find(f"distilflow/out/{name}") if p.endswith(".parquet")]
+        assert read_parquet("s3://" + remote_file).equals(read_parquet(str(tmp_path / "out" / name / "in.parquet")))
+    assert (tmp_path / "clean-cache" / "remote").is_dir()  # the models came through the cache
+
+    with pytest.raises(InputError, match=f"^{MISSING}.*: the bucket does not exist"):
+        fill_mask_flow(input=str(tmp_path / "in.jsonl"), output=MISSING, model=mlm)
+
+
+def test_evaluate_reads_and_writes_the_bucket(s3_env, tmp_path, monkeypatch, bert_tokenizer, heldout_dir,
+                                              prefect_test_harness_session):
+    """Model, teacher and held-out data in the bucket, --output s3://...: the same scores as the local run;
+    fine-tuned models (the teacher's read back from the bucket for task distillation) are uploaded with
+    their cards and load with load_pretrained(s3://); a rerun with an empty cache does no work twice."""
+    from transformers import AutoModelForSequenceClassification
+
+    from distilflow.flows.evaluate import evaluate_flow
+    from distilflow.tasks.core.hf import load_pretrained
+    from tests.evaluate.test_evaluate import GLUE, _save_tiny
+
+    fs = s3_env
+    student = _save_tiny(tmp_path / "student", bert_tokenizer, "distilbert")
+    teacher = _save_tiny(tmp_path / "teacher", bert_tokenizer, "bert")
+    held = heldout_dir
+    urls = {k: _upload(fs, Path(p), k) for k, p in (("student", student), ("teacher", teacher), ("held", held))}
+    common = dict(tasks=["mlm", "bias", "sst2"], glue_dir=str(GLUE), max_train_examples=24, max_eval_examples=16,
+                  seeds=1, device="cpu", batch_size=8, epochs=1.0, max_seq_len=64, bias_top_k=3, task_distill=True)
+    want = evaluate_flow(model=student, teacher=teacher, data=held, output=str(tmp_path / "eval"), **common)
+    monkeypatch.setenv("DISTILFLOW_CACHE", str(tmp_path / "cache-1"))
+    url = "s3://distilflow/eval"
+    got = evaluate_flow(model=urls["student"], teacher=urls["teacher"], data=urls["held"], output=url, **common)
+    assert set(got["results"]) == {"mlm", "bias", "sst2", "sst2-teacher", "sst2-distilled"}
+    for name, r in want["results"].items():
+        assert r.get("status") != "failed", (name, r.get("error"))
+        assert got["results"][name]["metrics"] == r["metrics"], name  # storage does not change results
+    fs.invalidate_cache()
+    assert fs.exists("distilflow/eval/results.md") and fs.exists("distilflow/eval/results.json")
+    run = got["results"]["sst2"]["runs"][0]
+    assert run["model_dir"] == f"{url}/sst2/seed-42/model"
+    assert fs.cat_file("distilflow/eval/sst2/seed-42/model/README.md").startswith(b"---\n")  # its model card
+    assert got["results"]["sst2-distilled"]["runs"][0]["teacher"] == f"{url}/sst2-teacher/seed-42/model"
+    monkeypatch.setenv("DISTILFLOW_CACHE", str(tmp_path / "cache-2"))
+    clf = load_pretrained(AutoModelForSequenceClassification, run["model_dir"])
+    assert clf.config.num_labels == 2
+    again = evaluate_flow(model=urls["student"], teacher=urls["teacher"], data=urls["held"], output=url, **common)
+    first, second = got["results"]["sst2"]["runs"][0], again["results"]["sst2"]["runs"][0]
+    assert second.items() >= first.items()  # the seed's record read back (train_seconds too): not trained again
