@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+from distilflow.tasks.core import remote
 from distilflow.tasks.core.errors import InputError, ResumeError
 from distilflow.tasks.core.io import exists, expand_inputs, file_identity, is_local, join, sha256_file
 from distilflow.tasks.core.lock import hold
@@ -61,23 +62,9 @@ class StagePlan:
 
 # -- tokenizer ---------------------------------------------------------------------------------------------
 def local_tokenizer(url: str) -> str:
-    """Tokenizers load from local folders; a remote ``DIR/tokenizer`` is copied to a temp cache once."""
-    if is_local(url):
-        return url
-    import fsspec
-
-    digest = hashlib.sha256(url.encode()).hexdigest()[:16]  # stable across processes (unlike hash())
-    cache = os.path.join(tempfile.gettempdir(), "distilflow-tok", digest)
-    if not os.path.exists(os.path.join(cache, "tokenizer.json")):
-        fs, path = fsspec.core.url_to_fs(url)
-        tmp = cache + f".tmp{os.getpid()}"
-        fs.get(path.rstrip("/") + "/", tmp, recursive=True)
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        if os.path.exists(cache):  # another worker finished first
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, cache)
-    return cache
+    """Tokenizers load from local folders: a remote ``DIR/tokenizer`` is mirrored into the verified cache
+    (:func:`~distilflow.tasks.core.remote.local_copy`: listed on every call, changed files fetched again)."""
+    return remote.local_copy(url)
 
 
 def save_tokenizer(src: str, output: str) -> str:
@@ -86,7 +73,8 @@ def save_tokenizer(src: str, output: str) -> str:
 
     dest = join(output, "tokenizer")
     src = local_tokenizer(src)  # an s3:// tokenizer folder is fetched to a local cache first
-    if exists(join(dest, "tokenizer.json")):
+    # a bucket folder is complete once its manifest is there (upload_folder writes it last)
+    if exists(join(dest, "tokenizer.json" if is_local(dest) else remote.MANIFEST)):
         if tokenizer_sha256(local_tokenizer(dest)) != tokenizer_sha256(src):
             raise ResumeError(f"{dest} holds a different tokenizer than {src}; use a new --output or --overwrite")
         return dest
@@ -100,11 +88,8 @@ def save_tokenizer(src: str, output: str) -> str:
             staged = dest + f".tmp{os.getpid()}"
             shutil.copytree(tmp, staged)
             os.replace(staged, dest)
-        else:
-            import fsspec
-
-            fs, path = fsspec.core.url_to_fs(dest)
-            fs.put(tmp.rstrip("/") + "/", path, recursive=True)
+        else:  # file by file, each atomic, the manifest last
+            remote.upload_folder(tmp, dest)
     return dest
 
 
