@@ -182,7 +182,8 @@ def test_the_flow_hands_every_option_to_the_benchmarks(monkeypatch, tmp_path):
     monkeypatch.setattr(flows_evaluate, "run_benchmark", fake)
     cfg = _all_non_default().replace(output=str(tmp_path / "eval"), workers=1)
     report = flows_evaluate.evaluate_flow(**cfg.to_dict())
-    assert set(seen) == set(cfg.tasks) and all(c == cfg for c in seen.values())
+    # every benchmark (with --task-distill/--scratch-baselines: also sst2-distilled, sst2-scratch ...) got the config
+    assert list(seen) == cfg.benchmarks() and "sst2-distilled" in seen and all(c == cfg for c in seen.values())
     assert report["config"] == cfg.to_dict()
     saved = json.loads((tmp_path / "eval" / "config.json").read_text())
     assert saved["glue"]["learning_rate"] == 2e-5 and saved["squad"]["doc_stride"] == 64
