@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     from distilflow.flows.prefect_api import start_temporary_server, wait_ready
     from distilflow.tasks.core.procs import SignalGuard
 
+    _SAID.clear()
     # SIGTERM/SIGINT stop every process this command started within seconds (tasks/core/procs.py)
     with SignalGuard(on_deadline=lambda signum: _interrupted(args.command)) as guard:
         try:
@@ -169,7 +170,13 @@ def _stop_signal(e: BaseException) -> int | None:
     return None
 
 
+_SAID: set[str] = set()
+
+
 def _interrupted(command: str) -> None:
+    if command in _SAID:  # once: by the command, or by the signal guard's deadline if the exit hangs
+        return
+    _SAID.add(command)
     print(f"distilflow {command}: interrupted; finished work is kept, rerun the same command to resume",
           file=sys.stderr, flush=True)
 

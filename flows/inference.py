@@ -41,6 +41,7 @@ def infer_file(unit: tuple[str, str], job_name: str, record: dict[str, Any], out
                model_identity: str | None = None) -> dict[str, Any]:
     """Run one input file through the model into ``<output>/<key>.parquet``; returns its marker."""
     url, key = unit
+    io.forget_stale_model(job_name, record["model"], model_identity)  # weights replaced since loaded here
     cfg, job = load_job(job_name, record)
     stage = io.output_stage(output, job_name, cfg.to_dict(), cfg.output_fingerprint())
     bar = _ROWS

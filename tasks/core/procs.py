@@ -133,6 +133,13 @@ def stop(procs: list[psutil.Process], grace: float = GRACE) -> None:
     psutil.wait_procs(alive, timeout=grace)
 
 
+def _is_resource_tracker(p: psutil.Process) -> bool:
+    try:
+        return any("resource_tracker" in a for a in p.cmdline())
+    except psutil.Error:
+        return False
+
+
 class Interrupted(BaseException):
     """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
 
@@ -175,7 +182,9 @@ class SignalGuard:
     def __exit__(self, *exc: Any) -> None:
         if not self._active:
             return
-        self._active = False
+        # after a signal the deadline stays armed through the interpreter's exit (Prefect flushing its logs,
+        # the server's stop on atexit): the command is gone by then, whatever hangs
+        self._active = self.signalled is not None
         with contextlib.suppress(ValueError):
             signal.set_wakeup_fd(self._old_fd)
         if signal.getsignal(signal.SIGTERM) == self._raise:
@@ -191,14 +200,17 @@ class SignalGuard:
         raise Interrupted(signum)
 
     def ours(self, last: bool = True) -> list[psutil.Process]:
-        """The helpers this command started (``last``: including those stopped last)."""
+        """The helpers this command started (``last``: including those stopped last, and multiprocessing's
+        resource tracker, which exits by itself once the processes it serves are gone)."""
         if self._before is None:
             return []
-        return [p for p in descendants() if p.pid not in self._before and (last or p.pid not in _STOP_LAST)]
+        return [p for p in descendants() if p.pid not in self._before
+                and (last or (p.pid not in _STOP_LAST and not _is_resource_tracker(p)))]
 
     def stop_all(self, grace: float = GRACE) -> None:
-        """Stop every helper this command started (after an interrupt, before the command returns)."""
-        stop(self.ours(), grace)
+        """Stop the helpers this command started, after an interrupt, before the command returns; the
+        Prefect server stays for the run's last reports and stops at exit (``atexit``)."""
+        stop(self.ours(last=False), grace)
 
     def _watch(self) -> None:
         while True:

@@ -83,15 +83,17 @@ def detect_format(url: str) -> Format:
 SNIFF_BYTES = 8192  # what git and `file` look at: the first 8 KiB decide text or binary
 # Bytes that never occur in text: C0 controls other than \t \n \v \f \r and ESC (ANSI colours), and DEL.
 _CONTROL = bytes(b for b in range(32) if b not in b"\t\n\x0b\x0c\r\x1b") + b"\x7f"
-BINARY_SHARE = 0.10  # above this share of control or undecodable bytes the file is binary
+CONTROL_SHARE = 0.10  # above this share of control bytes the file is binary (text has next to none)
+UNDECODABLE_SHARE = 0.30  # ... or of bytes that are not UTF-8 (a Latin-1 French text has ~5-12%)
 
 
 def binary_reason(head: bytes) -> str | None:
     """Why ``head`` (a file's first :data:`SNIFF_BYTES`, decompressed) is not text, or None if it is text.
 
     Like git (a NUL byte) and ``file`` (bytes outside the text set): a NUL byte, or more than
-    :data:`BINARY_SHARE` of control bytes or of bytes that are not valid UTF-8. A Latin-1 text (a few
-    accented letters) stays text, so its lines are quarantined one by one with the re-encoding fix."""
+    :data:`CONTROL_SHARE` of control bytes, or more than :data:`UNDECODABLE_SHARE` of bytes that are not
+    valid UTF-8. A Latin-1 text (some accented letters) stays text, so its lines are quarantined one by one
+    with the re-encoding fix."""
     head = head[:SNIFF_BYTES]
     if not head:
         return None
@@ -100,11 +102,11 @@ def binary_reason(head: bytes) -> str | None:
     if b"\x00" in head:
         return "NUL bytes in the first 8 KiB"
     control = len(head) - len(head.translate(None, _CONTROL))
-    if control > BINARY_SHARE * len(head):
+    if control > CONTROL_SHARE * len(head):
         return f"{control / len(head):.0%} control bytes in the first 8 KiB"
     body = head if len(head) < SNIFF_BYTES else head[: len(head) - 3]  # a character cut at the end is fine
     undecodable = len(body) - len(body.decode("utf-8", "ignore").encode("utf-8"))
-    if undecodable > BINARY_SHARE * max(len(body), 1):
+    if undecodable > UNDECODABLE_SHARE * max(len(body), 1):
         return f"{undecodable / len(body):.0%} of the first 8 KiB is not UTF-8"
     return None
 

@@ -394,6 +394,27 @@ def open_output(output: str, stage_name: str, config: dict[str, Any], fingerprin
     return stage
 
 
+_LOADED: dict[str, str] = {}  # model path -> identity of the files loaded from it in this process
+
+
+def forget_stale_model(job_name: str, model: str, identity: str | None) -> None:
+    """The jobs cache loaded models per process, by path (``functools.lru_cache``). When the files at
+    ``model`` changed since they were loaded here (weights replaced in place; a long-lived process), drop
+    the job module's cached loads so that the new weights are the ones used."""
+    if identity is None:
+        return
+    if _LOADED.get(model, identity) != identity:
+        import importlib
+
+        from distilflow.tasks.infer.config import _JOBS
+
+        module = importlib.import_module(_JOBS[job_name][1].partition(":")[0])
+        for obj in list(vars(module).values()):
+            if callable(getattr(obj, "cache_clear", None)):
+                obj.cache_clear()
+    _LOADED[model] = identity
+
+
 def run_file(
     job: BatchJob,
     stage: StageDir,
@@ -476,8 +497,9 @@ def run_file(
         "errors_file": errors_file,
         # every row, and each whole-file problem (binary, empty, unreadable ...) as one record
         "records": {"read": n_rows + len(errors) - bad_rows, "written": written},
+        "deps": deps,  # what the output was made from: the input file's identity, the model's
     }
-    stage.mark_done(key, marker, deps=deps)
+    stage.mark_done(key, marker)
     return marker
 
 
