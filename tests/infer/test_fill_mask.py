@@ -105,13 +105,14 @@ def test_batches_in_parallel_streams_give_the_same_answers(model_path, fill):
     """Two batches at a time, one thread each (tasks/infer/streams.py): the pipeline's answers, in row order,
     and torch's thread count is restored afterwards."""
     texts = gutenberg_texts(40, seed=3)
-    before = torch.get_num_threads()
+    original = torch.get_num_threads()
     fm = FillMasker(FillMaskConfig(model=model_path, batch_size=4, threads=2))
     assert fm.streams == 2
+    before = torch.get_num_threads()
     ours = fm(texts)
     assert torch.get_num_threads() == before
     one = FillMasker(FillMaskConfig(model=model_path, batch_size=4, threads=1))(texts)
-    torch.set_num_threads(before)
+    torch.set_num_threads(original)
     ref = fill([normalize_masks(t, "[MASK]") for t in texts], batch_size=8)
     for o, s, r in zip(ours, one, ref, strict=True):
         assert_same(o, r)
