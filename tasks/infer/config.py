@@ -66,7 +66,7 @@ class FillMaskConfig(TextOptions, ModelOptions):
         "truncate", "texts over max length: keep a window around the masks, or send to the errors file")
     dtype: Literal["auto", "float32", "bfloat16"] = option("auto", "auto = bf16 autocast on CUDA, float32 on CPU")
     quantize: Literal["none", "int8"] = option(
-        "none", "--fast (= --quantize int8): the encoder in int8 on ONNX Runtime, CPU only (about 2x faster, "
+        "none", "--fast (= --quantize int8): the encoder in int8 on ONNX Runtime, CPU only (faster, "
         "approximate: top-1 agreement with the exact mode is measured on the first window and reported; the "
         "first run on a model exports it once, ~20 s)", aliases=("--fast",), const="int8")
     window_rows: int = option(4096, "rows read, length-sorted and written at a time (bounds memory)", ge=1,
