@@ -76,8 +76,8 @@ def make_task_runner(workers: int = 1, dask_address: str | None = None, dask_wor
             return DaskTaskRunner(address=dask_address)
         return DaskTaskRunner(cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1,
                                               "processes": True, "dashboard_address": None})
-    if workers > 1:
-        return ProcessPoolTaskRunner(max_workers=workers)
+    if workers > 1:  # its processes exit when this one dies, even by SIGKILL (tasks/core/procs.py)
+        return ProcessPoolTaskRunner(max_workers=workers, initializer=procs.worker_init, initargs=(os.getpid(),))
     return ThreadPoolTaskRunner(max_workers=1)
 
 
