@@ -46,11 +46,10 @@ def _unit(stage: StageDir, key: str, deps: dict[str, Any] | None, fn: Callable[.
           *args: Any) -> dict[str, Any]:
     if stage.is_done(key, deps):  # finished by an earlier (killed) run, from the same inputs
         return read_json(stage.marker_url(key))
-    deps = complete_deps(deps) if deps is not None else None  # inputs' content hashes, before they are read
-    stats = offload(fn, *args)
-    if deps is not None:  # what the unit was made from, so that a changed input reruns it (job.StagePlan)
-        stage.record_deps(key, deps)
-    return stats
+    if deps is not None:  # its marker records what it was made from (inputs' content hashes taken now)
+        unit = stage.for_unit(key, complete_deps(deps))
+        args = tuple(unit if a is stage else a for a in args)
+    return offload(fn, *args)
 
 
 @task(name="shard-file", retries=1, retry_delay_seconds=2)

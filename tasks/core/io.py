@@ -146,17 +146,18 @@ def sha256_file(url: str) -> str:
 
 
 def folder_identity(url: str) -> str:
-    """One digest of every file in a folder (name + :func:`file_identity`), e.g. a model folder: weights,
-    config and tokenizer files. A URL that is not a folder (a hub id) is its own identity."""
+    """One digest of the files directly in a folder (name + :func:`file_identity`), e.g. a model folder:
+    weights, config and tokenizer files (``from_pretrained`` reads nothing below; a training output's
+    ``checkpoints/`` are not hashed). A URL that is not a folder (a hub id) is its own identity."""
     fs, path = url_to_fs(url)
     if not fs.isdir(path):
         return f"name:{url}"
-    root = path.rstrip("/") + "/"
-    files = sorted(p for p in fs.find(path) if not any(s.startswith(".") for s in p[len(root):].split("/")))
+    files = sorted(p for p in fs.ls(path, detail=False)
+                   if not posixpath.basename(p.rstrip("/")).startswith(".") and fs.isfile(p))
     h = hashlib.sha256()
     for p in files:
         ident = file_identity(_full_url(fs, p))
-        h.update(json.dumps([p[len(root):], ident["size"], ident["mtime"], ident["sample"]]).encode())
+        h.update(json.dumps([posixpath.basename(p), ident["size"], ident["mtime"], ident["sample"]]).encode())
     return h.hexdigest()
 
 

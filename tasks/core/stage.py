@@ -32,6 +32,7 @@ a one-line message by readers (:func:`read_manifest`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import posixpath
@@ -107,6 +108,14 @@ class StageDir:
         self.url = join(root, stage)
         self.config = config
         self.fingerprint = fingerprint
+        self.unit_deps: dict[str, dict[str, Any]] = {}  # deps mark_done records for these units (for_unit)
+
+    def for_unit(self, key: str, deps: dict[str, Any]) -> StageDir:
+        """This stage as handed to one unit: its marker will record ``deps`` (written once, with the stats, so
+        a kill can never leave a finished unit without them)."""
+        unit = copy.copy(self)
+        unit.unit_deps = {key: deps}
+        return unit
 
     def meta(self, *parts: str) -> str:
         return meta_url(self.url, *parts)
@@ -152,17 +161,12 @@ class StageDir:
     def mark_done(self, key: str, stats: dict[str, Any], deps: dict[str, Any] | None = None) -> None:
         """Write the unit's completion marker (after its outputs): its stats, its files' sha256 (what the
         next stage depends on) and ``deps`` (what it was made from)."""
+        deps = deps if deps is not None else self.unit_deps.get(key)
         files = [dict(f, sha256=f.get("sha256") or _sha_of(join(self.url, f["file"])))
                  if isinstance(f, dict) and "file" in f else f for f in stats.get("files", [])]
         extra = {"files": files} if "files" in stats else {}
         write_json(self.marker_url(key), {"key": key, "fingerprint": self.fingerprint, **stats, **extra,
                                           **({"deps": deps} if deps is not None else {})})
-
-    def record_deps(self, key: str, deps: dict[str, Any]) -> None:
-        """Add ``deps`` to a marker written without them (units that do not know their own deps)."""
-        m = self.marker(key)
-        if m is not None and m.get("deps") != deps:
-            write_json(self.marker_url(key), {**m, "deps": deps})
 
     def pending(self, deps: dict[str, dict[str, Any]]) -> list[str]:
         """The units (``key -> deps``) that must run: no marker, or a marker made from other inputs. A

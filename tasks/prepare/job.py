@@ -51,13 +51,12 @@ class StagePlan:
         return self.stage.pending({k: self.deps[k] for k in self.units})
 
     def run_unit(self, key: str, fn: Any, *args: Any) -> dict[str, Any]:
-        """``fn(*args)`` (writes the unit's outputs and marker), then the unit's deps into its marker: a run
-        killed in between leaves a marker without deps, which counts as not done."""
-        deps = complete_deps(self.deps[key]) if key in self.deps else None  # before the inputs are read
-        stats = fn(*args)
-        if deps is not None:
-            self.stage.record_deps(key, deps)
-        return stats
+        """``fn(*args)`` (writes the unit's outputs, then its marker) with the stage argument replaced by
+        one whose marker records the unit's deps (inputs' content hashes taken before they are read)."""
+        if key in self.deps:
+            unit = self.stage.for_unit(key, complete_deps(self.deps[key]))
+            args = tuple(unit if a is self.stage else a for a in args)
+        return fn(*args)
 
 
 # -- tokenizer ---------------------------------------------------------------------------------------------
