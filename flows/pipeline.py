@@ -23,7 +23,8 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from distilflow.flows.common import config_flow, publish
-from distilflow.tasks.core.io import join, write_json
+from distilflow.tasks.core.io import is_local, join, write_bytes, write_json
+from distilflow.tasks.core.remote import staged_output
 from distilflow.tasks.pipeline import plan
 from distilflow.tasks.pipeline.config import PRESETS, PipelineConfig
 from distilflow.tasks.pipeline.fill_mask import fill_mask_accuracy, mask_queries
@@ -34,11 +35,13 @@ from distilflow.tasks.pipeline.stages import run_stage
 
 @flow(name="vocab", log_prints=True)
 def vocab_flow(inputs: list[str], output: str, vocab_size: int = 30000, cased: bool = False) -> dict[str, Any]:
-    """Train a BERT WordPiece vocabulary on the inputs; saved with ``save_pretrained`` in ``output``."""
+    """Train a BERT WordPiece vocabulary on the inputs; saved with ``save_pretrained`` in ``output`` (a bucket
+    URL: saved locally, then uploaded file by file with its manifest)."""
     from distilflow.tasks.prepare.vocab import VocabConfig, corpus_texts, train_wordpiece
 
     cfg = VocabConfig(vocab_size=vocab_size, lowercase=not cased)
-    tok = train_wordpiece(corpus_texts(inputs), output, cfg)
+    with staged_output(output) as stage:
+        tok = train_wordpiece(corpus_texts(inputs), str(stage.local), cfg)
     return {"tokenizer": output, "vocab_size": len(tok), "lowercase": cfg.lowercase}
 
 
@@ -52,7 +55,8 @@ def pipeline_flow(cfg: PipelineConfig) -> dict[str, Any]:
 
     out, seed, log = cfg.output, cfg.seed, get_run_logger().info
     t_start = time.perf_counter()
-    os.makedirs(out, exist_ok=True)
+    if is_local(out):  # (a bucket URL needs no folder; makedirs there could create a missing bucket)
+        os.makedirs(out, exist_ok=True)
     write_json(join(out, "pipeline-config.json"), {**cfg.to_dict(), "preset_values": PRESETS[cfg.preset]})
     if cfg.glue_tasks and not cfg.glue_dir:
         log("--glue-tasks without --glue-dir: no GLUE fine-tuning")
@@ -123,8 +127,7 @@ def pipeline_flow(cfg: PipelineConfig) -> dict[str, Any]:
     total = time.perf_counter() - t_start
     report = pipeline_report(cfg.preset, corpus.name, stages, out, total)
     publish(report, key="distilflow-pipeline-report", description=f"pipeline report for {out}")
-    with open(join(out, "report.md"), "w", encoding="utf-8") as f:
-        f.write(report)
+    write_bytes(join(out, "report.md"), report.encode("utf-8"))
     return {"output": out, "seconds": round(total, 1), "stages": stages, "report": join(out, "report.md")}
 
 

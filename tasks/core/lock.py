@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from distilflow.tasks.core.errors import InputError, ResumeError
-from distilflow.tasks.core.io import is_local, join, read_json, remove, write_json
+from distilflow.tasks.core.io import is_local, join, read_json, remote_errors, remove, write_json
 
 META = ".distilflow"  # the bookkeeping folder (tasks/core/stage.py)
 LOCK_NAME = "lock"  # local lock file; object stores: lock.json (the lease)
@@ -222,6 +222,14 @@ class _Lease:
                            f"lease expires at {until}), or use another --output")
 
     def acquire(self) -> None:
+        # a bucket that does not exist or denies access: one line naming the --output URL (not the lease)
+        try:
+            with remote_errors(self.url):
+                self._acquire()
+        except InputError as e:
+            raise InputError(str(e).replace(self.lease_url, self.url)) from e
+
+    def _acquire(self) -> None:
         cur = self._current()
         if cur is not None and cur.get("token") != self.token and float(cur.get("expires", 0)) > time.time():
             raise self._refuse(cur)

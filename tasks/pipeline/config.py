@@ -68,7 +68,7 @@ TEACHERS: dict[str, dict[str, Any]] = {
 class PipelineConfig(Config):
     """``distilflow pipeline``: corpus -> tokenizer -> teacher -> student -> evaluation -> fill-mask -> report."""
 
-    output: str = option(help="output folder (local); every stage writes a sub-folder")
+    output: str = option(help="output folder or s3:// (fsspec) URL; every stage writes a sub-folder")
     inputs: tuple[str, ...] = option((), "corpus files/folders/globs (default: the embedded demo corpus)",
                                      flag="--input", nargs="*", metavar="URL")
     heldout: tuple[str, ...] = option((), "held-out files for evaluation (default: the last input file in sorted "
@@ -92,7 +92,6 @@ class PipelineConfig(Config):
     def check(self) -> None:
         n = type(self).__name__
         require(bool(self.output), n, "output", "is required")
-        require("://" not in self.output, n, "output", "must be a local folder")
         require(not (self.heldout and not self.inputs), n, "heldout", "needs --input as well")
 
     def p(self, key: str, default: Any = None) -> Any:

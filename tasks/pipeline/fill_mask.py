@@ -7,19 +7,19 @@ against the removed word). No Prefect here.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
+import posixpath
 from typing import Any
+
+from distilflow.tasks.core.hf import local_model
+from distilflow.tasks.core.io import listdir, read_bytes, read_parquet, write_bytes
 
 
 def corpus_sentences(corpus_dir: str) -> list[str]:
     """Every sentence of a prepared ``corpus`` folder, parts in name order."""
-    import pyarrow.parquet as pq
-
     sentences: list[str] = []
-    for f in sorted(glob.glob(os.path.join(corpus_dir, "part-*.parquet"))):
-        for sents in pq.read_table(f, columns=["sentences"]).column(0).to_pylist():
+    for f in sorted(u for u in listdir(corpus_dir, ".parquet") if posixpath.basename(u).startswith("part-")):
+        for sents in read_parquet(f, columns=["sentences"]).column(0).to_pylist():
             sentences.extend(sents)
     return sentences
 
@@ -33,7 +33,7 @@ def mask_queries(heldout_corpus: str, out_file: str, tokenizer: str, rows: int, 
     import numpy as np
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer)
+    tok = AutoTokenizer.from_pretrained(local_model(tokenizer))
     vocab = tok.get_vocab()
     rng = np.random.default_rng(seed)
     sentences = corpus_sentences(heldout_corpus)
@@ -49,29 +49,23 @@ def mask_queries(heldout_corpus: str, out_file: str, tokenizer: str, rows: int, 
         queries.append({"text": " ".join(words), "answer": answer.lower() if tok.do_lower_case else answer})
         if len(queries) >= rows:
             break
-    os.makedirs(os.path.dirname(out_file), exist_ok=True)
-    with open(out_file, "w", encoding="utf-8") as out:
-        out.writelines(json.dumps(q) + "\n" for q in queries)
+    write_bytes(out_file, "".join(json.dumps(q) + "\n" for q in queries).encode("utf-8"))
     return len(queries)
 
 
 def prediction_files(predictions: str) -> list[str]:
     """The Parquet files of a fill-mask output (a folder of parts, or one ``.parquet`` file)."""
-    if os.path.isfile(predictions):
+    if predictions.endswith(".parquet"):
         return [predictions]
-    return [os.path.join(predictions, f) for f in sorted(os.listdir(predictions))
-            if f.endswith(".parquet") and not f.startswith(("_", "."))]
+    return [u for u in listdir(predictions, ".parquet") if not posixpath.basename(u).startswith(("_", "."))]
 
 
 def fill_mask_accuracy(queries_file: str, predictions: str) -> dict[str, Any]:
     """Top-1/top-5 accuracy of the fill-mask predictions against the removed words (``rows``, ``top1``, ``top5``)."""
-    import pyarrow.parquet as pq
-
-    with open(queries_file, encoding="utf-8") as fh:
-        answers = [json.loads(line)["answer"] for line in fh]
+    answers = [json.loads(line)["answer"] for line in read_bytes(queries_file).decode("utf-8").splitlines()]
     preds: dict[int, list[tuple[int, str]]] = {}
     for f in prediction_files(predictions):
-        t = pq.read_table(f, columns=["row_id", "rank", "token_str"])
+        t = read_parquet(f, columns=["row_id", "rank", "token_str"])
         for row, rank, tok in zip(*(t.column(c).to_pylist() for c in ("row_id", "rank", "token_str")), strict=True):
             preds.setdefault(row, []).append((rank, tok.strip()))
     top1 = top5 = 0

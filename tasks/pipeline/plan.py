@@ -9,9 +9,10 @@ import shlex
 from dataclasses import dataclass
 from typing import Any
 
+from distilflow.tasks.core import remote
 from distilflow.tasks.core.config import flag_of
 from distilflow.tasks.core.errors import InputError
-from distilflow.tasks.core.io import expand_inputs, join, write_json
+from distilflow.tasks.core.io import expand_inputs, is_local, join, write_json
 from distilflow.tasks.pipeline.config import TEACHERS, PipelineConfig
 
 
@@ -29,7 +30,7 @@ def preflight(cfg: PipelineConfig) -> None:
     if cfg.heldout:
         expand_inputs(list(cfg.heldout))
     for opt, path in (("--tokenizer", cfg.tokenizer), ("--teacher", cfg.teacher)):
-        if path and not os.path.isdir(path):
+        if path and not (os.path.isdir(path) if is_local(path) else remote.list_remote(path)):
             raise InputError(f"{opt} {path}: no such folder")
 
 
@@ -46,10 +47,23 @@ def split_corpus(cfg: PipelineConfig) -> Corpus:
             raise InputError(f"{cfg.inputs[0]}: one input file; give --heldout FILE for evaluation data")
         return Corpus(train, held, f"{len(train)} input file(s); held out: "
                       f"{', '.join(os.path.basename(h) for h in held)}")
+    train, held = demo_corpus(join(cfg.output, "demo-corpus"), cfg.seed)
+    return Corpus(train, held, "embedded demo corpus (generated country facts, tasks/prepare/demo_corpus.py)")
+
+
+def demo_corpus(folder: str, seed: int) -> tuple[list[str], list[str]]:
+    """The demo corpus files in ``folder``; a bucket folder gets them written locally and uploaded (the
+    same URLs on every machine, so a resumed pipeline sees the same inputs)."""
     from distilflow.tasks.prepare.demo_corpus import write_demo_corpus
 
-    train, held = write_demo_corpus(join(cfg.output, "demo-corpus"), seed=cfg.seed)
-    return Corpus(train, held, "embedded demo corpus (generated country facts, tasks/prepare/demo_corpus.py)")
+    if is_local(folder):
+        return write_demo_corpus(folder, seed=seed)
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="distilflow-demo-") as tmp:
+        train, held = write_demo_corpus(tmp, seed=seed)
+        remote.upload_folder(tmp, folder)
+    return ([join(folder, os.path.basename(p)) for p in train], [join(folder, os.path.basename(p)) for p in held])
 
 
 def teacher_model_spec(cfg: PipelineConfig, tokenizer: str) -> str:
@@ -60,8 +74,10 @@ def teacher_model_spec(cfg: PipelineConfig, tokenizer: str) -> str:
         return spec
     from transformers import AutoTokenizer
 
+    from distilflow.tasks.core.hf import local_model
+
     path = join(cfg.output, "teacher-config.json")
-    write_json(path, {**TEACHERS[spec], "vocab_size": len(AutoTokenizer.from_pretrained(tokenizer))})
+    write_json(path, {**TEACHERS[spec], "vocab_size": len(AutoTokenizer.from_pretrained(local_model(tokenizer)))})
     return path
 
 

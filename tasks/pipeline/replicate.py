@@ -112,10 +112,10 @@ def measure_speed(models: dict[str, str], texts: list[str], batch_size: int, max
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from distilflow.tasks.core.hf import load_pretrained
+    from distilflow.tasks.core.hf import load_pretrained, local_model
 
     loaded = {name: load_pretrained(AutoModelForSequenceClassification, path).eval() for name, path in models.items()}
-    tok = AutoTokenizer.from_pretrained(next(iter(models.values())))
+    tok = AutoTokenizer.from_pretrained(local_model(next(iter(models.values()))))
     max_len = min([max_len, *(m.config.max_position_embeddings for m in loaded.values())])
     batches = [tok(texts[i:i + batch_size], truncation=True, max_length=max_len, padding=True, return_tensors="pt")
                for i in range(0, len(texts), batch_size)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from distilflow.tasks.core.io import exists, join
+from distilflow.tasks.core.io import exists, join, read_bytes
 from distilflow.tasks.core.markdown import markdown_table
 
 OUTPUTS = ("data", "heldout", "teacher", "student", "eval/results.md", "fill-mask/predictions", "report.md")
@@ -19,8 +19,7 @@ def pipeline_report(preset: str, corpus: str, stages: dict[str, dict[str, Any]],
           markdown_table(rows, ["stage", "state", "seconds", "summary"])]
     ev_md = join(output, "eval", "results.md")
     if exists(ev_md):
-        with open(ev_md, encoding="utf-8") as fh:
-            md += ["", "## Evaluation", "", re.sub(r"^# ", "### ", fh.read(), flags=re.M)]
+        md += ["", "## Evaluation", "", re.sub(r"^# ", "### ", read_bytes(ev_md).decode("utf-8"), flags=re.M)]
     fm = stages.get("fill-mask", {})
     if fm:
         md += ["", "## Batch fill-mask on held-out sentences", "",

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections.abc import Callable
 from typing import Any
 
-from distilflow.tasks.core.io import exists, join, read_json, write_json
+from distilflow.tasks.core.io import exists, is_local, join, read_json, remove, write_json
 
 
 def fingerprint(cfg: dict[str, Any]) -> str:
@@ -48,8 +47,11 @@ def run_stage(output: str, name: str, cfg: dict[str, Any], fn: Callable[..., Any
             return {**rec["result"], "skipped": True, "seconds": rec.get("seconds", 0.0), "fingerprint": fp}
         log(f"stage {name}: config or input changed, running again (removing {', '.join(outputs)})")
         for folder in outputs:
-            shutil.rmtree(folder, ignore_errors=True)
-        os.remove(marker)
+            if is_local(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+            else:  # a bucket prefix
+                remove(folder)
+        remove(marker)
     t0 = time.perf_counter()
     result = fn(*args, **kwargs)
     seconds = time.perf_counter() - t0

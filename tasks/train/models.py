@@ -34,11 +34,20 @@ def teacher_config(spec: str, vocab_size: int, max_position_embeddings: int = 51
                           num_attention_heads=heads, intermediate_size=ffn,
                           max_position_embeddings=max_position_embeddings, pad_token_id=pad_token_id,
                           hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
-    if not os.path.isfile(path):
-        raise ConfigError(f"TrainConfig.model: --config {spec!r}: not a preset ({', '.join(PRESETS)}) and no such config file")
-    with open(path) as f:
-        raw: dict[str, Any] = json.load(f)
+    if "://" in spec and not spec.startswith("file://"):  # a config .json in a bucket
+        from distilflow.tasks.core.io import exists, read_json
+
+        path = spec
+        if not exists(path):
+            raise ConfigError(f"TrainConfig.model: --config {spec!r}: no such config file")
+        raw: dict[str, Any] = read_json(path)
+    else:
+        path = os.path.join(spec, "config.json") if os.path.isdir(spec) else spec
+        if not os.path.isfile(path):
+            raise ConfigError(f"TrainConfig.model: --config {spec!r}: not a preset ({', '.join(PRESETS)}) and no "
+                              "such config file")
+        with open(path) as f:
+            raw = json.load(f)
     if raw.get("model_type", "bert") != "bert":
         raise ConfigError(f"{path}: model_type {raw.get('model_type')!r}; the teacher must be a BERT config")
     cfg = BertConfig(**{k: v for k, v in raw.items() if k not in ("architectures", "transformers_version")})

@@ -219,3 +219,85 @@ def test_evaluate_reads_and_writes_the_bucket(s3_env, tmp_path, monkeypatch, ber
     again = evaluate_flow(model=urls["student"], teacher=urls["teacher"], data=urls["held"], output=url, **common)
     first, second = got["results"]["sst2"]["runs"][0], again["results"]["sst2"]["runs"][0]
     assert second.items() >= first.items()  # the seed's record read back (train_seconds too): not trained again
+
+
+def test_pipeline_to_its_report_in_the_bucket(s3_env, tmp_path, monkeypatch, prefect_test_harness_session):
+    """`distilflow pipeline --output s3://...` (the debug preset at its smallest): every stage writes its
+    folder in the bucket (prepare streams, training pushes checkpoints, evaluate uploads), the report is in
+    the bucket, the student loads back from it, and a rerun on a clean disk finds every stage done there."""
+    from transformers import AutoModelForMaskedLM
+
+    from distilflow.flows.pipeline import pipeline_flow
+    from distilflow.tasks.core.hf import load_pretrained
+    from distilflow.tasks.pipeline import config as pipeline_config
+
+    fs = s3_env
+    small = {"pretrain_steps": 30, "distill_steps": 20, "eval_sequences": 200, "fill_mask_rows": 40}
+    monkeypatch.setitem(pipeline_config.PRESETS, "debug", {**pipeline_config.PRESETS["debug"], **small})
+    monkeypatch.setenv("DISTILFLOW_CACHE", str(tmp_path / "machine-1"))
+    url = "s3://distilflow/run"
+    r = pipeline_flow(output=url)
+    assert r["report"] == f"{url}/report.md"
+    assert set(r["stages"]) == {"vocab", "prepare", "prepare-heldout", "pretrain", "distill", "evaluate", "fill-mask"}
+    assert r["stages"]["distill"]["steps"] == 20 and r["stages"]["fill-mask"]["rows"] > 0
+    fs.invalidate_cache()
+    report = fs.cat_file("distilflow/run/report.md").decode()
+    assert "Held-out masked LM" in report and "Batch fill-mask" in report and f"`{url}/student`" in report
+    for key in ("tokenizer/tokenizer.json", "demo-corpus/heldout.txt", "data/pairs/.distilflow/manifest.json",
+                "teacher/model.safetensors", "teacher/checkpoints/step-00000030/optimizer.pt", "student/README.md",
+                "eval/results.md", "eval/bias/result.json", "fill-mask/queries.jsonl", "_pipeline/fill-mask.json"):
+        assert fs.exists(f"distilflow/run/{key}"), key
+
+    monkeypatch.setenv("DISTILFLOW_CACHE", str(tmp_path / "machine-2"))  # another machine: nothing local
+    student = load_pretrained(AutoModelForMaskedLM, f"{url}/student")
+    assert student.config.model_type == "distilbert"
+    again = pipeline_flow(output=url)
+    assert all(s["skipped"] for s in again["stages"].values()), {k: s["skipped"] for k, s in again["stages"].items()}
+
+
+def test_a_missing_bucket_is_one_line_for_every_kind_of_job(s3_env, tmp_path, bert_tokenizer_path,
+                                                            prefect_test_harness_session):
+    from distilflow.flows.evaluate import evaluate_flow
+    from distilflow.flows.pipeline import pipeline_flow
+    from distilflow.flows.prepare import prepare_flow
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("One sentence here. And another one there.\n")
+    one_line = rf"^{MISSING}(/\S+)?: the bucket does not exist; create it or fix the URL$"
+    jobs = {"prepare": lambda: prepare_flow(inputs=[str(tmp_path / "in")], output=MISSING,
+                                            tokenizer=str(bert_tokenizer_path), workers=1),
+            "evaluate": lambda: evaluate_flow(model=str(tmp_path / "nope"), tasks=["bias"], output=MISSING),
+            "pipeline": lambda: pipeline_flow(output=MISSING),
+            "model": lambda: remote.local_copy(MISSING + "/student")}
+    for name, job in jobs.items():
+        with pytest.raises(InputError) as err:
+            job()
+        assert re.match(one_line, str(err.value)) or str(err.value).startswith(f"{MISSING}/student: no such"), \
+            (name, str(err.value))
+
+
+def test_a_denied_bucket_is_one_line_for_training_evaluation_and_models(tmp_path, monkeypatch, bert_tokenizer_path,
+                                                                        prefect_test_harness_session):
+    """moto with IAM enforced and unknown keys: every code path (a staged training output, evaluate's direct
+    writes, a model read through the cache) fails with one line naming the URL, before any work."""
+    import s3fs
+
+    from distilflow.flows.evaluate import evaluate_flow
+    from distilflow.tasks.train.loop import TrainConfig, train
+    from tests.train.test_train import build_prepared
+
+    prepared = build_prepared(tmp_path / "prep", bert_tokenizer_path, n_pairs=16)
+    url = "s3://locked-bucket/run"
+    for endpoint in test_s3._moto(tmp_path, auth=True):
+        test_s3._use_endpoint(monkeypatch, endpoint, "not-a-known-key", "wrong")
+        jobs = {"train": lambda: train(TrainConfig(data=str(prepared), output=url, model="tiny", max_steps=2)),
+                "evaluate": lambda: evaluate_flow(model=str(tmp_path / "nope"), tasks=["bias"], output=url),
+                "model": lambda: remote.local_copy(url + "/student")}
+        for name, job in jobs.items():
+            with pytest.raises(InputError) as err:
+                job()
+            msg = str(err.value)
+            assert msg.startswith(url) and "\n" not in msg, (name, msg)
+            assert "access denied" in msg or "permission denied" in msg, (name, msg)
+        assert not (tmp_path / "prep" / "checkpoints").exists()
+        s3fs.S3FileSystem.clear_instance_cache()
