@@ -11,6 +11,7 @@ Prefect server, workers or training processes, then stops it the way users and s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -82,10 +83,8 @@ def _stop_and_check(proc: subprocess.Popen, log: Path, how: str) -> None:
         time.sleep(0.1)
     left = _running(family)
     for p in family:  # never leave anything behind for the next test
-        try:
+        with contextlib.suppress(psutil.Error):
             p.kill()
-        except psutil.Error:
-            pass
     assert not left, f"SIG{how}: still running 10 s after the signal: {left}"
     if how != "KILL":
         assert code == 128 + getattr(signal, f"SIG{how}"), (code, log.read_text()[-3000:])

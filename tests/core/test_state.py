@@ -245,25 +245,29 @@ def test_prepare_manifest_accounts_for_every_record(mixed, tmp_path):
     assert acc["read"] == 11 + 11
 
 
-def test_inference_manifest_accounts_for_every_row(mixed, tmp_path, bert_tokenizer_path):
+@pytest.mark.parametrize("job_name", ["fill-mask", "embed"])
+def test_inference_manifest_accounts_for_every_row(mixed, tmp_path, bert_tokenizer_path, job_name):
     from distilflow.tasks.infer import batch_io
-    from distilflow.tasks.infer.config import FillMaskConfig, load_job
+    from distilflow.tasks.infer.config import EmbedConfig, FillMaskConfig, load_job
     from tests.infer.test_fill_mask import save_tiny_mlm
 
     model = save_tiny_mlm(tmp_path / "model", "bert", bert_tokenizer_path)
-    record = FillMaskConfig(model=model, top_k=2).to_dict()
-    _cfg_, job = load_job("fill-mask", record)
-    stage = batch_io.open_output(str(tmp_path / "out"), "fill-mask", record, "fp")
+    record = (FillMaskConfig(model=model, top_k=2) if job_name == "fill-mask" else EmbedConfig(model=model)).to_dict()
+    _cfg_, job = load_job(job_name, record)
+    stage = batch_io.open_output(str(tmp_path / "out"), job_name, record, "fp")
     units = batch_io.plan_units(expand_inputs([str(mixed)]))
     for url, key in units:
         batch_io.run_file(job, stage, url, key)
     acc = batch_io.write_run_manifest(stage, [k for _, k in units])["accounting"]
     _balanced(acc)
-    # one row per text line (a.txt's blank lines are empty_text rows), JSONL line, CSV row, Parquet row
+    # one row per text line (a.txt's blank lines are empty_text rows), JSONL line, CSV row, Parquet row;
+    # "No mask in this one." is a fill-mask error (no_mask) and an embedding like any other row
+    no_mask = {"no_mask": 1} if job_name == "fill-mask" else {}
     assert acc["by_reason"] == {"binary_file": 1, "empty_file": 1, "empty_text": 2, "invalid_utf8": 1,
-                                "malformed_json": 1, "missing_field": 1, "no_mask": 1, "not_a_string": 2,
-                                "null_text": 3, "unreadable_file": 1}
-    assert acc["written"] == 10 and acc["read"] == 10 + 14
+                                "malformed_json": 1, "missing_field": 1, "not_a_string": 2, "null_text": 3,
+                                "unreadable_file": 1, **no_mask}
+    written = 10 if job_name == "fill-mask" else 11
+    assert acc["written"] == written and acc["read"] == written + sum(acc["by_reason"].values()) == 24
 
 
 # -- 3. one run per output folder --------------------------------------------------------------------------
@@ -286,10 +290,10 @@ def test_a_second_run_refuses_naming_the_holder_and_a_killed_holder_is_taken_ove
     out = tmp_path / "out"
     p = _holder(out, 60)
     try:
-        with pytest.raises(ResumeError, match=rf"in use by another distilflow run \(prepare, pid {p.pid} on .*"
-                                              r"started .* UTC\); wait for it to finish, or use another --output"):
-            with lock.hold(str(out), "fill-mask"):
-                pass
+        refused = rf"in use by another distilflow run \(prepare, pid {p.pid} on .*started .* UTC\); wait for it"
+        with pytest.raises(ResumeError, match=refused + " to finish, or use another --output"), \
+                lock.hold(str(out), "fill-mask"):
+            pass
     finally:
         p.kill()  # SIGKILL: no clean-up, the lock file stays behind
         p.wait()
@@ -320,9 +324,8 @@ def test_object_store_lease_refuses_a_live_holder_and_takes_over_an_expired_one(
     lease = f"{url}/.distilflow/lock.json"
     write_json(lease, {"pid": 1, "host": "elsewhere", "what": "prepare", "started": "then", "token": "other",
                        "expires": time.time() + 30})
-    with pytest.raises(ResumeError, match="pid 1 on elsewhere.*lease expires at"):
-        with lock.hold(url, "prepare"):
-            pass
+    with pytest.raises(ResumeError, match="pid 1 on elsewhere.*lease expires at"), lock.hold(url, "prepare"):
+        pass
     write_json(lease, {"pid": 1, "host": "elsewhere", "token": "other", "expires": time.time() - 1})
     with lock.hold(url, "prepare", ttl=0.3):
         time.sleep(0.5)  # refreshed while held: never expires under a live run
