@@ -47,14 +47,13 @@ _STOP_LAST: set[int] = set()  # helpers the job still needs while it unwinds (th
 # -- in helpers ---------------------------------------------------------------------------------------------
 def die_with_parent(sig: int = signal.SIGTERM) -> None:
     """``preexec_fn`` of a subprocess: the kernel sends ``sig`` to it when the creating thread exits (Linux;
-    a no-op elsewhere). Also checks that the parent did not die before the call."""
+    a no-op elsewhere). (No "parent already gone" check on ``getppid() == 1``: in a container the command
+    itself may be PID 1.)"""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
     ctypes.CDLL(None).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
-    if os.getppid() == 1:  # the parent died before prctl: it will never fire
-        os.kill(os.getpid(), sig)
 
 
 def exit_when_gone(pid: int, create_time: float | None = None, poll: float = POLL) -> threading.Thread:
