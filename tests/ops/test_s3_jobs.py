@@ -301,3 +301,22 @@ def test_a_denied_bucket_is_one_line_for_training_evaluation_and_models(tmp_path
             assert "access denied" in msg or "permission denied" in msg, (name, msg)
         assert not (tmp_path / "prep" / "checkpoints").exists()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_pretrain_flow_launched_as_a_process_into_the_bucket(s3_env, tmp_path, monkeypatch, bert_tokenizer_path,
+                                                            prefect_test_harness_session):
+    """The flow's launcher path (what torchrun runs on a GPU host: a separate training process): its config
+    file beside the local working folder, the summary, metrics and curves read back from the bucket."""
+    from distilflow.flows.train import pretrain_flow
+    from tests.train.test_train import build_prepared
+
+    prepared = build_prepared(tmp_path / "prep", bert_tokenizer_path, n_pairs=16)
+    monkeypatch.setenv("DISTILFLOW_CACHE", str(tmp_path / "cache"))
+    url = "s3://distilflow/runs/launched"
+    summary = pretrain_flow(data=str(prepared), output=url, model="tiny", batch_size=8, max_steps=3, log_every=1,
+                            threads=1, launcher="subprocess")
+    assert summary["steps"] == 3 and summary["fingerprint"]
+    s3_env.invalidate_cache()
+    assert json.loads(s3_env.cat_file("distilflow/runs/launched/summary.json")) == summary
+    assert s3_env.exists("distilflow/runs/launched/model.safetensors")
+    assert not s3_env.exists("distilflow/runs/launched/launch_config.json")  # a local file, not an output
