@@ -56,17 +56,21 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
     ctypes.CDLL(None).prctl(1, sig)  # 1 = PR_SET_PDEATHSIG
 
 
-def exit_when_gone(pid: int, create_time: float | None = None, poll: float = POLL) -> threading.Thread:
-    """A daemon thread that ends this process (``os._exit``) once process ``pid`` is gone (or is another
-    process with a recycled pid: ``create_time`` differs)."""
+def exit_when_gone(pid: int, start: str | None = None, poll: float = POLL) -> threading.Thread:
+    """A daemon thread that ends this process (``os._exit``) once process ``pid`` is gone, or is another
+    process with a recycled pid (its start time, :func:`_start_token`, differs from ``start``). For the
+    direct parent the test is ``os.getppid()`` (a child is re-parented when its parent dies): no clock in it."""
+    direct = pid == os.getppid()
 
     def alive() -> bool:
+        if direct:
+            return os.getppid() == pid
         try:
-            p = psutil.Process(pid)
-            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE and (
-                create_time is None or abs(p.create_time() - create_time) < 0.01)
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return False
         except psutil.Error:
             return False
+        return start is None or _start_token(pid) == start
 
     def watch() -> None:
         while alive():
@@ -83,26 +87,34 @@ def worker_init(parent: int | None = None) -> None:
     terminal sends SIGINT to the whole process group; the parent stops the workers itself)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ppid = parent or os.getppid()
-    exit_when_gone(ppid, _create_time(ppid))
+    exit_when_gone(ppid, _start_token(ppid))
 
 
 def watch_env() -> dict[str, str]:
     """Environment entry that makes a launched helper (:func:`exit_with_watched`) die with this process."""
-    return {WATCH_ENV: f"{os.getpid()}:{_create_time(os.getpid())}"}
+    return {WATCH_ENV: f"{os.getpid()}:{_start_token(os.getpid()) or ''}"}
 
 
 def exit_with_watched() -> None:
     """In a launched helper (a training rank): exit once the process named in :data:`WATCH_ENV` is gone.
     No-op when the variable is unset (a helper started by hand stays independent of its shell)."""
     value = os.environ.get(WATCH_ENV, "")
-    pid, _, ctime = value.partition(":")
+    pid, _, start = value.partition(":")
     if pid.isdigit():
-        exit_when_gone(int(pid), float(ctime) if ctime else None)
+        exit_when_gone(int(pid), start or None)
 
 
-def _create_time(pid: int) -> float | None:
+def _start_token(pid: int) -> str | None:
+    """When ``pid`` started, exactly: clock ticks since boot from ``/proc/PID/stat`` on Linux (psutil's
+    ``create_time`` adds the boot time, which can move by a second on a VM -- a watchdog comparing it would
+    kill a live worker), else psutil's create time to the second."""
     try:
-        return float(psutil.Process(pid).create_time())
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]  # field 22 (starttime), counted after "(comm)"
+    except (OSError, IndexError):
+        pass
+    try:
+        return str(round(psutil.Process(pid).create_time()))
     except psutil.Error:
         return None
 

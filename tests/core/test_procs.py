@@ -74,9 +74,9 @@ GUARDED = textwrap.dedent("""
     import subprocess, sys, time
     from distilflow.tasks.core.procs import Interrupted, SignalGuard
     with SignalGuard(deadline={deadline}) as guard:
-        helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-        print(helper.pid, flush=True)
         try:
+            helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+            print(helper.pid, flush=True)
             time.sleep(120)
         except Interrupted as e:
             print("interrupted", e.signum, flush=True)
