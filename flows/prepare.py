@@ -92,8 +92,8 @@ def _stage(cfg: Any, name: str) -> dict[str, Any]:
     _run(plan, unit_task, title)
     manifest = job.finish_stage(plan)
     rows = job.stage_report(name, manifest, time.perf_counter() - t0)
-    publish(f"## {name}\n\n" + markdown_table(rows, ["metric", "value"]), key=f"distilflow-{name}",
-            description=f"{name} of {cfg.output}")
+    publish(f"## {name}\n\n" + markdown_table(rows, ["metric", "value"]), key=f"distilflow-{title}",
+            description=f"{title} of {cfg.output}")
     for reason, n in manifest["skipped"].items():
         get_run_logger().warning("%s: skipped %s x %d (details in %s)", name, reason, n, manifest["error_files"])
     return manifest
