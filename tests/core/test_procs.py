@@ -102,8 +102,6 @@ def test_signal_guard_does_not_wait_past_its_deadline():
                          text=True)
     assert p.stdout is not None
     helper = int(p.stdout.readline())
-    t0 = time.monotonic()
     p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=10) == 143
-    assert time.monotonic() - t0 < 6
+    assert p.wait(timeout=10) == 143  # the body sleeps 120 s: only the 2 s deadline ends it this soon
     assert _gone(helper, 3)

@@ -117,17 +117,14 @@ def test_killed_worker_then_rerun_loses_nothing_and_duplicates_nothing(drill):
 def test_missing_input_fails_fast_with_the_path(drill):
     server, data = drill
     missing = data / "no-such-landing"
-    t0 = time.monotonic()
     with server.worker("cpu", name="missing"):
         run = run_deployment(server, "prepare/nightly-prepare",
                              {**FAST, "inputs": [str(missing)], "output": str(data / "never")}, timeout=120)
     assert run.state.is_failed(), run.state
     message = f"{run.state.message}\n{flow_run_logs(server, run.id)}"
     assert str(missing) in message and "no such file" in message.lower(), message
-    # fast: no shard was attempted, no retry loop (the bulk of the time is the flow-run process start)
-    assert time.monotonic() - t0 < 60
     assert wait_flow_run(server, run.id).state.is_failed()
-    assert not (data / "never" / "masked").exists()
+    assert not (data / "never" / "corpus").exists(), "a shard was attempted"
 
 
 def test_server_restart_during_a_run(tmp_path, bert_tokenizer_path):

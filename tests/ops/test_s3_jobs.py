@@ -132,10 +132,8 @@ def test_pretrain_into_a_missing_bucket_is_one_line(s3_env, tmp_path, bert_token
     from tests.train.test_train import build_prepared
 
     prepared = build_prepared(tmp_path / "prep", bert_tokenizer_path, n_pairs=16)
-    t0 = time.monotonic()
     assert main(["pretrain", "--data", str(prepared), "--output", MISSING, "--config", "tiny", "--max-steps", "2",
                  "--threads", "1"]) == 2
-    assert time.monotonic() - t0 < 120
     line = _error_line(capsys.readouterr().err, "pretrain")  # the URL, or a file under it, is named
     assert re.fullmatch(rf"distilflow pretrain: error: {MISSING}(/\S+)?: the bucket does not exist; create it or "
                         "fix the URL", line), line
