@@ -125,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     from distilflow.tasks.core.terminal import configure
 
     configure(verbose=args.verbose)
-    from distilflow.flows.prefect_api import start_temporary_server, wait_ready
     from distilflow.tasks.core.procs import SignalGuard
+    from distilflow.tasks.ops.prefect_api import start_temporary_server, wait_ready
 
     _SAID.clear()
     # SIGTERM/SIGINT stop every process this command started within seconds (tasks/core/procs.py)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 return int(args.func(args) or 0)
             cfg = args.spec.config_from(args)
             if args.command not in NO_FLOW_RUN:  # without PREFECT_API_URL: the temporary server boots while the
-                start_temporary_server()         # job imports Prefect and torch (flows/prefect_api.py)
+                start_temporary_server()         # job imports Prefect and torch (tasks/ops/prefect_api.py)
             if isinstance(getattr(cfg, "output", None), str):  # a file in the way, a read-only folder: now
                 from distilflow.tasks.core.lock import check_output
 

@@ -17,7 +17,8 @@ from prefect import allow_failure, task
 from prefect.artifacts import create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from distilflow.flows.common import config_flow, make_task_runner, publish
+from distilflow.flows.common import config_flow, publish
+from distilflow.flows.runners import make_task_runner
 from distilflow.tasks.core.io import join, write_bytes, write_json
 from distilflow.tasks.evaluate import report as R
 from distilflow.tasks.evaluate.card import write_cards

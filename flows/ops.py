@@ -16,8 +16,9 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from distilflow.flows.common import config_flow, markdown_table, publish
+from distilflow.flows.common import config_flow, publish
 from distilflow.tasks.core.errors import UserError
+from distilflow.tasks.core.markdown import markdown_table
 from distilflow.tasks.ops.config import DoctorConfig, ServerConfig
 from distilflow.tasks.ops.server import serve
 from distilflow.tasks.ops.supervisor import environment_report, probe_storage

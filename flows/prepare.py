@@ -12,61 +12,39 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from distilflow.flows.common import (
-    config_flow,
-    make_task_runner,
-    markdown_table,
-    offload,
-    publish,
-    run_in_subflow,
-    wait_with_progress,
-    worker_processes,
-)
-from distilflow.tasks.core.io import read_json
-from distilflow.tasks.core.stage import StageDir, complete_deps
+from distilflow.flows import runners
+from distilflow.flows.common import config_flow, publish
+from distilflow.tasks.core.markdown import markdown_table
+from distilflow.tasks.core.stage import StageDir
 from distilflow.tasks.prepare import job
-from distilflow.tasks.prepare.config import (
-    MaskJobConfig,
-    PairsJobConfig,
-    PrepareConfig,
-    ShardJobConfig,
-)
+from distilflow.tasks.prepare.config import MaskJobConfig, PairsJobConfig, PrepareConfig, ShardJobConfig
 from distilflow.tasks.prepare.mask import mask_part
 from distilflow.tasks.prepare.pairs import pairs_part
 from distilflow.tasks.prepare.shard import shard_file
 
 
-def _unit(stage: StageDir, key: str, deps: dict[str, Any] | None, fn: Callable[..., dict[str, Any]],
-          *args: Any) -> dict[str, Any]:
-    if stage.is_done(key, deps):  # finished by an earlier (killed) run, from the same inputs
-        return read_json(stage.marker_url(key))
-    if deps is not None:  # its marker records what it was made from (inputs' content hashes taken now)
-        unit = stage.for_unit(key, complete_deps(deps))
-        args = tuple(unit if a is stage else a for a in args)
-    return offload(fn, *args)
-
-
 @task(name="shard-file", retries=1, retry_delay_seconds=2)
 def shard_task(key: str, unit: Any, stage: StageDir, record: Any, deps: dict[str, Any] | None = None) -> dict[str, Any]:
-    return _unit(stage, key, deps, shard_file, unit, stage, record)
+    return job.run_unit(stage, key, deps, runners.offload, shard_file, unit, stage, record)
 
 
 @task(name="pairs-part", retries=1, retry_delay_seconds=2)
 def pairs_task(key: str, corpus_url: str, neighbour: str | None, tokenizer: Any, stage: StageDir,
                record: Any, deps: dict[str, Any] | None = None) -> dict[str, Any]:
-    return _unit(stage, key, deps, pairs_part, corpus_url, key, neighbour, stage, record, job.localize(tokenizer))
+    return job.run_unit(stage, key, deps, runners.offload, pairs_part, corpus_url, key, neighbour, stage, record,
+                        job.localize(tokenizer))
 
 
 @task(name="mask-part", retries=1, retry_delay_seconds=2)
 def mask_task(key: str, pairs_url: str, tokenizer: Any, stage: StageDir, record: Any,
               deps: dict[str, Any] | None = None) -> dict[str, Any]:
-    return _unit(stage, key, deps, mask_part, pairs_url, key, stage, record, job.localize(tokenizer))
+    return job.run_unit(stage, key, deps, runners.offload, mask_part, pairs_url, key, stage, record,
+                        job.localize(tokenizer))
 
 
 def _run(plan: job.StagePlan, unit_task: Any, title: str) -> None:
@@ -76,7 +54,7 @@ def _run(plan: job.StagePlan, unit_task: Any, title: str) -> None:
         get_run_logger().info("%s: %d of %d units already done (resuming)", title, len(plan.units) - len(pending),
                               len(plan.units))
     futures = [unit_task.submit(k, *plan.units[k], plan.stage, plan.record, deps=plan.deps.get(k)) for k in pending]
-    wait_with_progress(futures, title, sizes=[plan.sizes.get(k, 0.0) for k in pending], unit=plan.unit)
+    runners.wait_with_progress(futures, title, sizes=[plan.sizes.get(k, 0.0) for k in pending], unit=plan.unit)
 
 
 def _stage(cfg: Any, name: str) -> dict[str, Any]:
@@ -131,14 +109,15 @@ def _in_subflow(fn: Any, name: str, cfg: Any) -> Any:
     queued while a task finishes its Prefect bookkeeping. ``memory://`` lives inside one process, so a
     run on it works in this process."""
     if cfg.dask_address or cfg.dask_workers:
-        return run_in_subflow(fn, name, make_task_runner(1, cfg.dask_address, cfg.dask_workers), cfg=cfg)
+        dask = runners.make_task_runner(1, cfg.dask_address, cfg.dask_workers)
+        return runners.run_in_subflow(fn, name, dask, cfg=cfg)
     urls = [cfg.output, *getattr(cfg, "inputs", ())]
     in_memory = any(str(u).startswith("memory://") for u in urls)
     # workers inherit it: Arrow's system allocator hands memory back between units (mimalloc kept ~40 MB
     # more per worker at the same speed)
     os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
-    with worker_processes(0 if in_memory else cfg.workers):
-        return run_in_subflow(fn, name, ThreadPoolTaskRunner(max_workers=cfg.workers + 1), cfg=cfg)
+    with runners.worker_processes(0 if in_memory else cfg.workers):
+        return runners.run_in_subflow(fn, name, ThreadPoolTaskRunner(max_workers=cfg.workers + 1), cfg=cfg)
 
 
 @config_flow(PrepareConfig, name="prepare", log_prints=True)

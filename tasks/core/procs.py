@@ -1,7 +1,7 @@
 """Process hygiene: every process a command starts dies with it. No Prefect here.
 
-A command starts helpers: the temporary Prefect server (``flows/prefect_api.py``), data worker processes
-(``flows/common.worker_processes``), training processes (``torchrun`` and its ranks, or one ``python -m
+A command starts helpers: the temporary Prefect server (``tasks/ops/prefect_api.py``), data worker processes
+(``flows/runners.worker_processes``), training processes (``torchrun`` and its ranks, or one ``python -m
 distilflow.tasks.train``), and multiprocessing's resource tracker. Three mechanisms, because no single one
 covers every way a command ends:
 

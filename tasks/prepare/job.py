@@ -12,12 +12,21 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from distilflow.tasks.core import remote
 from distilflow.tasks.core.errors import InputError, ResumeError
-from distilflow.tasks.core.io import exists, expand_inputs, file_identity, is_local, join, sha256_file
+from distilflow.tasks.core.io import (
+    exists,
+    expand_inputs,
+    file_identity,
+    is_local,
+    join,
+    read_json,
+    sha256_file,
+)
 from distilflow.tasks.core.lock import hold
 from distilflow.tasks.core.stage import StageDir, complete_deps, read_manifest, token_counts_url
 from distilflow.tasks.prepare.config import (
@@ -107,6 +116,19 @@ def preflight(cfg: Any) -> None:
 # -- planning ----------------------------------------------------------------------------------------------
 def _hash(items: list[str]) -> str:
     return hashlib.sha256("\n".join(items).encode()).hexdigest()[:8]
+
+
+def run_unit(stage: StageDir, key: str, deps: dict[str, Any] | None, call: Callable[..., dict[str, Any]],
+             fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
+    """One unit: its marker's record when an earlier (killed) run finished it from the same inputs, else
+    ``call(fn, *args)`` (the flow's worker pool) with ``stage`` swapped for a view whose marker records what
+    the unit was made from (inputs' content hashes taken now)."""
+    if stage.is_done(key, deps):
+        return read_json(stage.marker_url(key))
+    if deps is not None:
+        unit = stage.for_unit(key, complete_deps(deps))
+        args = tuple(unit if a is stage else a for a in args)
+    return call(fn, *args)
 
 
 def plan_shard(cfg: ShardOptions, overwrite: bool = False) -> StagePlan:

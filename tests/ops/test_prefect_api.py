@@ -1,4 +1,4 @@
-"""The command line's temporary Prefect API (flows/prefect_api.py): started only when no API is configured,
+"""The command line's temporary Prefect API (tasks/ops/prefect_api.py): started only when no API is configured,
 used by the whole process, gone when the command ends -- even when it is killed."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from distilflow.flows import prefect_api
+from distilflow.tasks.ops import prefect_api
 from tests.prefect_server import prefect_server
 
 
@@ -62,7 +62,7 @@ def test_command_uses_an_early_server_and_stops_it(tmp_path, bert_tokenizer_path
     model = save_tiny_mlm(tmp_path / "m", "distilbert", bert_tokenizer_path)
     (tmp_path / "q.txt").write_text("Paris is the [MASK] of France.\n")
     code = ("import sys, subprocess; from distilflow.cli import main; rc = main(sys.argv[1:]); "
-            "from distilflow.flows import prefect_api as p; "
+            "from distilflow.tasks.ops import prefect_api as p; "
             "print('SERVER', p._SERVER.process.pid if p._SERVER and p._SERVER.process else None, flush=True); "
             "sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code, "fill-mask", "--input", str(tmp_path / "q.txt"), "--output",
@@ -77,7 +77,7 @@ def test_command_uses_an_early_server_and_stops_it(tmp_path, bert_tokenizer_path
 
 @pytest.mark.integration
 def test_server_dies_with_a_killed_command(tmp_path):
-    code = ("from distilflow.flows import prefect_api as p; s = p.start_temporary_server(); "
+    code = ("from distilflow.tasks.ops import prefect_api as p; s = p.start_temporary_server(); "
             "print(s.process.pid, flush=True); import time; time.sleep(600)")
     proc = subprocess.Popen([sys.executable, "-c", code], env=_env(tmp_path), stdout=subprocess.PIPE, text=True)
     server_pid = int(proc.stdout.readline())
@@ -100,7 +100,7 @@ def test_a_real_server_is_used_when_configured(tmp_path, bert_tokenizer_path):
     (tmp_path / "q.jsonl").write_text(json.dumps({"text": "A [MASK] day."}) + "\n")
     with prefect_server(tmp_path / "srv") as server:
         code = ("import sys; from distilflow.cli import main; rc = main(sys.argv[1:]); "
-                "from distilflow.flows import prefect_api as p; print('SERVER', p._SERVER, flush=True); sys.exit(rc)")
+                "from distilflow.tasks.ops import prefect_api as p; print('SERVER', p._SERVER, flush=True); sys.exit(rc)")
         out = subprocess.run([sys.executable, "-c", code, "fill-mask", "--input", str(tmp_path / "q.jsonl"),
                               "--output", str(tmp_path / "out"), "--model", model], env=server.env,
                              capture_output=True, text=True, timeout=600)
