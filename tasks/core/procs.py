@@ -38,7 +38,7 @@ import psutil
 
 POLL = 0.2  # seconds between a watchdog's looks at its parent
 GRACE = 2.0  # seconds a helper gets between SIGTERM and SIGKILL
-DEADLINE = 8.0  # seconds after SIGTERM/SIGINT until whatever is left is killed and the command exits
+DEADLINE = 6.0  # seconds after SIGTERM/SIGINT until whatever is left is killed and the command exits
 WATCH_ENV = "DISTILFLOW_WATCH_PID"  # "pid:create_time" of the process a launched helper must die with
 
 _STOP_LAST: set[int] = set()  # helpers the job still needs while it unwinds (the Prefect API server)
