@@ -21,7 +21,7 @@ test: install-dev
 
 fast:
 	@bash scripts/install.sh dev
-	.venv/bin/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q -m "not integration and not slow and not gpu and not benchmark" $(PYTEST_ARGS)
 
 lint:
 	@bash scripts/install.sh dev

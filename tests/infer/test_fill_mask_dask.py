@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pyarrow.parquet as pq
+import pytest
 
 from tests.infer.test_fill_mask import save_tiny_mlm
 
 
+@pytest.mark.integration  # starts a local Dask cluster
 def test_fill_mask_on_dask_matches_local(prefect_test_harness_session, tmp_path, bert_tokenizer_path):
     from distilflow.flows.inference import fill_mask_flow
 
