@@ -145,15 +145,21 @@ def sha256_file(url: str) -> str:
     return h.hexdigest()
 
 
+NOT_MODEL_FILES = (".md", ".png", ".jsonl")  # card, curves, metrics log: beside a model, not read by it
+
+
 def folder_identity(url: str) -> str:
     """One digest of the files directly in a folder (name + :func:`file_identity`), e.g. a model folder:
     weights, config and tokenizer files (``from_pretrained`` reads nothing below; a training output's
-    ``checkpoints/`` are not hashed). A URL that is not a folder (a hub id) is its own identity."""
+    ``checkpoints/`` are not hashed). Documentation beside the weights is not part of it: an evaluation that
+    adds a section to the model card (``README.md``) or a redrawn ``curves.png`` leaves the model the same.
+    A URL that is not a folder (a hub id) is its own identity."""
     fs, path = url_to_fs(url)
     if not fs.isdir(path):
         return f"name:{url}"
     files = sorted(p for p in fs.ls(path, detail=False)
-                   if not posixpath.basename(p.rstrip("/")).startswith(".") and fs.isfile(p))
+                   if not posixpath.basename(p.rstrip("/")).startswith(".")
+                   and not p.endswith(NOT_MODEL_FILES) and fs.isfile(p))
     h = hashlib.sha256()
     for p in files:
         ident = file_identity(_full_url(fs, p))

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from distilflow.tasks.core.errors import InputError
-from distilflow.tasks.core.io import exists, join, read_json, write_json
+from distilflow.tasks.core.io import exists, folder_identity, join, read_json, write_json
 from distilflow.tasks.core.rng import derive_rng
 from distilflow.tasks.core.stage import StageDir
 from distilflow.tasks.evaluate.bias import BiasConfig, run_bias_probe
@@ -103,16 +103,26 @@ def _subset(items: list, n: int, seed: int, name: str) -> list:
     return [items[i] for i in idx]
 
 
-def _run_seeds(stage: StageDir, seeds: list[int], run_one) -> list[dict[str, Any]]:
-    """Run ``run_one(seed, run_dir)`` per seed; a seed whose completion marker exists is not run again."""
+MARKER_KEYS = ("key", "fingerprint", "deps")  # what a completion marker adds to a unit's result
+
+
+def model_deps(*models: str | None) -> dict[str, Any]:
+    """What a result depends on beyond the config: the identity of each model folder it used (weights,
+    config, tokenizer files: :func:`folder_identity`), so weights replaced in place are evaluated again."""
+    return {f"model:{m}": folder_identity(m) for m in models if m}
+
+
+def _run_seeds(stage: StageDir, seeds: list[int], run_one, deps: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run ``run_one(seed, run_dir)`` per seed; a seed whose marker exists, made from the same models
+    (``deps``), is not run again."""
     runs = []
     for s in seeds:
         key = f"seed-{s}"
-        if stage.is_done(key):
-            runs.append(read_json(stage.marker_url(key)))
+        if stage.is_done(key, deps):
+            runs.append({k: v for k, v in read_json(stage.marker_url(key)).items() if k not in MARKER_KEYS})
             continue
         r = run_one(s, join(stage.url, key))
-        stage.mark_done(key, r)
+        stage.mark_done(key, r, deps)
         runs.append(r)
     return runs
 
@@ -269,7 +279,8 @@ def run_finetune_task(cfg: EvaluateConfig, task: str, output: str, variant: str 
             return finetune_squad(v.model, d.train, d.held_out, ft, seed, **kw)
         return finetune_glue(v.model, tname, d.train, d.held_out, ft, seed, **kw)
 
-    runs = _run_seeds(stage, cfg.seed_list(), run_one)
+    teachers = sorted({t for t in v.teachers.values() if t})
+    runs = _run_seeds(stage, cfg.seed_list(), run_one, model_deps(v.model, v.tokenizer, *teachers))
     keys = ("exact_match", "f1") if t is None else t.metrics
     metrics = median_over_seeds(runs, keys)
     metric = "f1" if t is None else t.metrics[0]
@@ -299,9 +310,10 @@ def run_mlm_task(cfg: EvaluateConfig, output: str) -> dict[str, Any]:
     stage.open(overwrite=cfg.overwrite)
     scores = {}
     for role, path in models.items():
-        if not stage.is_done(role):
-            stage.mark_done(role, evaluate_mlm(path, cfg.data or "", mcfg))
-        scores[role] = read_json(stage.marker_url(role))
+        deps = model_deps(path)
+        if not stage.is_done(role, deps):
+            stage.mark_done(role, evaluate_mlm(path, cfg.data or "", mcfg), deps)
+        scores[role] = {k: v for k, v in read_json(stage.marker_url(role)).items() if k not in MARKER_KEYS}
     s = scores["student"]
     notes = []
     if "teacher" in scores:
@@ -324,11 +336,12 @@ def run_bias_task(cfg: EvaluateConfig, output: str) -> dict[str, Any]:
     stage.open(overwrite=cfg.overwrite)
     probes = {}
     for role, path in models.items():
-        if not stage.is_done(role):
-            # the teacher carries its own tokenizer; --tokenizer applies to the evaluated model only
-            tok = cfg.tokenizer if role == "student" else None
-            stage.mark_done(role, run_bias_probe(path, bcfg, tokenizer_path=tok))
-        probes[role] = read_json(stage.marker_url(role))
+        # the teacher carries its own tokenizer; --tokenizer applies to the evaluated model only
+        tok = cfg.tokenizer if role == "student" else None
+        deps = model_deps(path, tok)
+        if not stage.is_done(role, deps):
+            stage.mark_done(role, run_bias_probe(path, bcfg, tokenizer_path=tok), deps)
+        probes[role] = {k: v for k, v in read_json(stage.marker_url(role)).items() if k not in MARKER_KEYS}
     s = probes["student"]["summary"]
     notes = []
     if "teacher" in probes:

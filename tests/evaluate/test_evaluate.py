@@ -98,6 +98,34 @@ def test_mlm_eval_counts_and_ranges(models, heldout_dir):
     assert r2["rows"] == 5
 
 
+def test_weights_replaced_in_place_are_evaluated_again(models, heldout_dir, tmp_path, bert_tokenizer):
+    """Completion markers record the model folder's identity: same weights -> skipped (a card edited beside
+    them does not count), new weights in the same folder -> scored again."""
+    import shutil
+
+    from distilflow.tasks.evaluate.config import EvaluateConfig
+    from distilflow.tasks.evaluate.suite import run_mlm_task
+
+    model = tmp_path / "model"
+    shutil.copytree(models["student"], model)
+    cfg = EvaluateConfig(model=str(model), tasks=("mlm",), output=str(tmp_path / "eval"), data=heldout_dir,
+                         device="cpu", batch_size=8)
+    marker = tmp_path / "eval" / "mlm" / ".distilflow" / "done" / "student.json"
+    first = run_mlm_task(cfg, cfg.output)
+    written = marker.stat().st_mtime_ns
+    (model / "README.md").write_text("# a card edited after training\n")
+    assert run_mlm_task(cfg, cfg.output)["score"] == first["score"] and marker.stat().st_mtime_ns == written
+    torch.manual_seed(7)
+    from transformers import DistilBertForMaskedLM
+
+    other = DistilBertForMaskedLM.from_pretrained(model, use_safetensors=True)
+    for p in other.parameters():
+        p.data.normal_(0, 0.5)
+    other.save_pretrained(model)
+    again = run_mlm_task(cfg, cfg.output)
+    assert marker.stat().st_mtime_ns != written and again["models"]["student"]["loss"] != first["models"]["student"]["loss"]
+
+
 def test_median_over_seeds():
     runs = [{"f1": 70.0, "accuracy": 60.0}, {"f1": 80.0, "accuracy": 50.0}, {"f1": 75.0, "accuracy": 90.0}]
     assert median_over_seeds(runs, ("f1", "accuracy")) == {"f1": 75.0, "accuracy": 60.0}
