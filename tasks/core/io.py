@@ -338,9 +338,20 @@ def write_bytes(url: str, data: bytes) -> None:
         f.write(data)
 
 
-def read_bytes(url: str) -> bytes:
-    with fsspec.open(url, "rb") as f:
-        return f.read()
+def read_bytes(url: str, attempts: int = 3) -> bytes:
+    """The object's bytes. An object store object replaced by another writer between the client's look-up
+    and its read (s3fs ``FileExpired``: the ETag no longer matches) is read again: the new version is whole
+    too (uploads are atomic per object)."""
+    for attempt in range(attempts):
+        try:
+            with fsspec.open(url, "rb") as f:
+                return f.read()
+        except OSError as e:
+            if type(e).__name__ != "FileExpired" or attempt == attempts - 1:
+                raise
+            fs, path = url_to_fs(url)
+            fs.invalidate_cache(path)
+    raise AssertionError("unreachable")
 
 
 def write_json(url: str, obj: Any) -> None:

@@ -30,11 +30,17 @@ pytestmark = pytest.mark.integration
 ENV = {"DISTILFLOW_PROGRESS": "0", "PREFECT_API_URL": ""}
 
 
+def _as_in_a_terminal() -> None:
+    """Ctrl-C's default disposition, as a terminal's foreground job has it: a suite started in the background
+    (``cmd &`` without job control, nohup) passes SIGINT down *ignored*, and the command rightly keeps it so."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     env = {k: v for k, v in {**os.environ, **ENV}.items() if v != ""}
     with open(log, "w") as f:
         return subprocess.Popen([sys.executable, "-m", "distilflow.cli", *args], stdout=f, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True, preexec_fn=_as_in_a_terminal)
 
 
 def _wait_for(cond: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:

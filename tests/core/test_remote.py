@@ -197,3 +197,29 @@ def test_an_interrupted_upload_leaves_a_readable_folder(bucket, tmp_path, monkey
     assert fs.exists(url.removeprefix("memory://") + "/metrics.jsonl")
     copy = Path(remote.local_copy(url, cache=tmp_path / "c2"))
     assert (copy / "metrics.jsonl").read_bytes() == b"b\n"
+
+
+def test_an_object_replaced_while_it_is_read_is_read_again(monkeypatch, tmp_path):
+    """s3fs raises FileExpired when another writer replaced the object between its look-up and the read
+    (seen while a test polled a training run's manifest): the reader reads the new version."""
+    import fsspec
+    from s3fs.utils import FileExpired
+
+    from distilflow.tasks.core import io as dio
+
+    f = tmp_path / "manifest.json"
+    f.write_bytes(b'{"files": {}}\n')
+    real, calls = fsspec.open, []
+
+    def replaced_once(url, mode="rb", **kw):
+        calls.append(url)
+        if len(calls) == 1:
+            raise FileExpired(url, '"etag-of-the-old-version"')
+        return real(url, mode, **kw)
+
+    monkeypatch.setattr(dio.fsspec, "open", replaced_once)
+    assert dio.read_json(str(f)) == {"files": {}} and len(calls) == 2
+    calls.clear()
+    monkeypatch.setattr(dio.fsspec, "open", lambda url, mode="rb", **kw: (_ for _ in ()).throw(FileExpired(url, "e")))
+    with pytest.raises(FileExpired):  # replaced on every look: not hidden forever
+        dio.read_bytes(str(f))
