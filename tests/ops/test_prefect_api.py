@@ -92,6 +92,7 @@ def test_server_dies_with_a_killed_command(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # CI: the unit test above (nothing started) + test_ui (a command recorded on a real server)
 def test_a_real_server_is_used_when_configured(tmp_path, bert_tokenizer_path):
     """PREFECT_API_URL set: no temporary server; the run is recorded on the real one."""
     from tests.infer.test_fill_mask import save_tiny_mlm
