@@ -228,19 +228,22 @@ def test_two_runs_on_one_output_one_refuses(inputs, tmp_path):
     assert "prepared " in logs[winner] and not (out / ".distilflow" / "lock").exists()
 
 
-def test_corrected_rerun_after_a_mistyped_model_and_a_bracket_in_a_file_name(fill_input, tmp_path):
+def test_corrected_rerun_after_a_mistyped_model_and_a_bracket_in_a_file_name(fill_input, tmp_path, capsys,
+                                                                             prefect_test_harness_session):
+    from distilflow.cli import main
+
     model, _ = fill_input
     notes = tmp_path / "notes[v2].txt"
     notes.write_text("Paris is the [MASK] of France.\nThe [MASK] sat on the mat.\n")
     out = tmp_path / "preds"
 
-    def run(m: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "distilflow.cli", "fill-mask", "--input", str(notes), "--output",
-                               str(out), "--model", m], env={**os.environ, "DISTILFLOW_PROGRESS": "0"},
-                              capture_output=True, text=True, timeout=600)
+    def run(m: str) -> tuple[int, str, str]:  # in this process: the error boundary is the same code
+        code = main(["fill-mask", "--input", str(notes), "--output", str(out), "--model", m])
+        got = capsys.readouterr()
+        return code, got.out, got.err
 
-    typo = run(model + "x")
-    assert typo.returncode == 2 and "no such model folder" in typo.stderr and "Traceback" not in typo.stderr
-    ok = run(model)
-    assert ok.returncode == 0, ok.stderr[-3000:]
-    assert "2 input rows: 2 ok" in ok.stdout
+    code, _, err = run(model + "x")
+    assert code == 2 and "no such model folder" in err and "Traceback" not in err, err
+    code, stdout, err = run(model)
+    assert code == 0, err[-3000:]
+    assert "2 input rows: 2 ok" in stdout
