@@ -4,7 +4,7 @@
 #   make test    the full test suite, exactly what CI runs (system packages for the integration tests too)
 # Also: make fast (the inner-loop lane, no servers), make lint, make lock (re-resolve the locks; needs PyPI).
 .PHONY: demo test fast lint lock install install-dev
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= --durations=15
 
 install:
 	@bash scripts/install.sh runtime
