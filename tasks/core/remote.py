@@ -302,6 +302,22 @@ class Staged:
 
 
 @contextlib.contextmanager
+def written_locally(url: str) -> Iterator[str]:
+    """A local folder to write ``url``'s files into: ``url`` itself when it is local, else a temporary folder
+    that is uploaded file by file (each atomic, the manifest last: :func:`upload_folder`) when the block ends
+    without an error. For outputs written in one go (a saved model); see :func:`staged_output` for working
+    folders pushed while they grow."""
+    if not is_remote(url):
+        yield url
+        return
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="distilflow-upload-") as tmp:
+        yield tmp
+        upload_folder(tmp, url)
+
+
+@contextlib.contextmanager
 def staged_output(url: str, work_dir: str | os.PathLike[str] | None = None) -> Iterator[Staged]:
     """:class:`Staged` for ``url``; its local folder is ``work_dir`` or a folder in the cache.
 

@@ -82,18 +82,11 @@ def load_tokenizer(model_path: str, tokenizer_path: str | None = None):
 def save_model(model: Any, tokenizer: Any, model_dir: str) -> str:
     """``save_pretrained`` model and tokenizer into ``model_dir``; a bucket URL gets a local folder uploaded
     file by file (each atomic, the manifest last: :func:`~distilflow.tasks.core.remote.upload_folder`)."""
-    from distilflow.tasks.core import remote
+    from distilflow.tasks.core.remote import written_locally
 
-    if not remote.is_remote(model_dir):
-        model.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
-        return model_dir
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="distilflow-model-") as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        remote.upload_folder(tmp, model_dir)
+    with written_locally(model_dir) as folder:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
     return model_dir
 
 

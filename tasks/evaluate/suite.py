@@ -106,6 +106,11 @@ def _subset(items: list, n: int, seed: int, name: str) -> list:
 MARKER_KEYS = ("key", "fingerprint", "deps")  # what a completion marker adds to a unit's result
 
 
+def _result(stage: StageDir, key: str) -> dict[str, Any]:
+    """A finished unit's result: its completion marker less the marker's own bookkeeping."""
+    return {k: v for k, v in read_json(stage.marker_url(key)).items() if k not in MARKER_KEYS}
+
+
 def model_deps(*models: str | None) -> dict[str, Any]:
     """What a result depends on beyond the config: the identity of each model folder it used (weights,
     config, tokenizer files: :func:`folder_identity`), so weights replaced in place are evaluated again."""
@@ -119,7 +124,7 @@ def _run_seeds(stage: StageDir, seeds: list[int], run_one, deps: dict[str, Any])
     for s in seeds:
         key = f"seed-{s}"
         if stage.is_done(key, deps):
-            runs.append({k: v for k, v in read_json(stage.marker_url(key)).items() if k not in MARKER_KEYS})
+            runs.append(_result(stage, key))
             continue
         r = run_one(s, join(stage.url, key))
         stage.mark_done(key, r, deps)
@@ -313,7 +318,7 @@ def run_mlm_task(cfg: EvaluateConfig, output: str) -> dict[str, Any]:
         deps = model_deps(path)
         if not stage.is_done(role, deps):
             stage.mark_done(role, evaluate_mlm(path, cfg.data or "", mcfg), deps)
-        scores[role] = {k: v for k, v in read_json(stage.marker_url(role)).items() if k not in MARKER_KEYS}
+        scores[role] = _result(stage, role)
     s = scores["student"]
     notes = []
     if "teacher" in scores:
@@ -341,7 +346,7 @@ def run_bias_task(cfg: EvaluateConfig, output: str) -> dict[str, Any]:
         deps = model_deps(path, tok)
         if not stage.is_done(role, deps):
             stage.mark_done(role, run_bias_probe(path, bcfg, tokenizer_path=tok), deps)
-        probes[role] = {k: v for k, v in read_json(stage.marker_url(role)).items() if k not in MARKER_KEYS}
+        probes[role] = _result(stage, role)
     s = probes["student"]["summary"]
     notes = []
     if "teacher" in probes:

@@ -56,13 +56,10 @@ def demo_corpus(folder: str, seed: int) -> tuple[list[str], list[str]]:
     same URLs on every machine, so a resumed pipeline sees the same inputs)."""
     from distilflow.tasks.prepare.demo_corpus import write_demo_corpus
 
+    with remote.written_locally(folder) as local:
+        train, held = write_demo_corpus(local, seed=seed)
     if is_local(folder):
-        return write_demo_corpus(folder, seed=seed)
-    import tempfile
-
-    with tempfile.TemporaryDirectory(prefix="distilflow-demo-") as tmp:
-        train, held = write_demo_corpus(tmp, seed=seed)
-        remote.upload_folder(tmp, folder)
+        return train, held
     return ([join(folder, os.path.basename(p)) for p in train], [join(folder, os.path.basename(p)) for p in held])
 
 
