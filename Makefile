@@ -5,6 +5,9 @@
 # Also: make fast (the inner-loop lane, no servers), make lint, make lock (re-resolve the locks; needs PyPI).
 .PHONY: demo test fast lint lock install install-dev
 PYTEST_ARGS ?= --durations=15
+# two test processes, each test module whole on one of them (its module-scoped servers start once): the
+# integration tests mostly wait on servers and subprocesses, so 2 processes on 2 cores take ~0.6x the time
+XDIST ?= -n 2 --dist loadfile
 
 install:
 	@bash scripts/install.sh runtime
@@ -17,11 +20,11 @@ demo: install
 	.venv/bin/distilflow pipeline --output runs/demo
 
 test: install-dev
-	.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 fast:
 	@bash scripts/install.sh dev
-	.venv/bin/python -m pytest -q -m "not integration and not slow and not gpu and not benchmark" $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -q $(XDIST) -m "not integration and not slow and not gpu and not benchmark" $(PYTEST_ARGS)
 
 lint:
 	@bash scripts/install.sh dev
