@@ -60,7 +60,15 @@ def test_unknown_option_is_argparse_usage_error():
 
 
 def test_prepare_does_not_import_torch():
+    """Neither the prepare flow's process (flow module, preflight, tokenizer copy, hash and info) nor its
+    workers import torch (~1.2 s and ~250 MB a process): the tokenizer folder check shares a module with
+    the model loaders, which import torch only where they need it."""
     mods = _modules_after("from distilflow.cli import build_parser; build_parser(['prepare'])\n"
-                          "from distilflow.tasks.prepare.pairs import load_tokenizer\n"
-                          "from tests.conftest import BERT_TOKENIZER; load_tokenizer(str(BERT_TOKENIZER))")
+                          "import distilflow.flows.prepare\n"
+                          "from distilflow.tasks.core.hf import check_tokenizer_folder\n"
+                          "from distilflow.tasks.prepare.job import tokenizer_info\n"
+                          "from distilflow.tasks.prepare.pairs import tokenizer_sha256\n"
+                          "from tests.conftest import BERT_TOKENIZER\n"
+                          "check_tokenizer_folder(str(BERT_TOKENIZER)); tokenizer_info(str(BERT_TOKENIZER))\n"
+                          "tokenizer_sha256(str(BERT_TOKENIZER))")
     assert "torch" not in mods

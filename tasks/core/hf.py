@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from distilflow.tasks.core.errors import InputError
+
+if TYPE_CHECKING:
+    import torch  # imported where a device is resolved: the folder checks run in processes without torch
 
 T = TypeVar("T")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
@@ -117,6 +118,8 @@ def build_model(cls: type[T], config: Any) -> T:
 def resolve_device(device: str) -> torch.device:
     """``auto`` -> CUDA when visible, else CPU; ``cpu`` / ``cuda`` / ``cuda:N`` as given, failing fast when CUDA
     is asked for but not there."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
