@@ -1,0 +1,122 @@
+"""Benchmark: the ``--fast`` trunk (all encoder layers but the last, int8 on ONNX Runtime) against float32 torch.
+
+One batch of 64 rows x 93 tokens (half the rows padded after 60 tokens), random weights, the same batch for
+every variant, timed in this process after one warm-up call (3 calls, mean), at 1 and 2 threads:
+
+* ``torch fp32``: the exact mode's trunk (``tasks/infer/fill_mask.trunk_of``), the baseline of every ratio;
+* ``int8``: what ``--fast`` runs (``tasks/infer/fast.int8_trunk_file``: TorchScript export, opset 17,
+  ``quantize_dynamic`` QInt8 weights);
+* ``fused fp32`` / ``fused int8``: the same export with eager attention, passed through ONNX Runtime's
+  transformer optimizer (``onnxruntime.transformers.optimizer.optimize_model``, model type ``bert``:
+  fused Attention, SkipLayerNormalization, BiasGelu, EmbedLayerNormalization) before quantizing.
+
+Each variant's error against torch at the unpadded positions is printed (max |diff|, min cosine).
+
+    python scripts/bench_fast_trunk.py --size distilbert
+    python scripts/bench_fast_trunk.py --size bert-base
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def build(size: str, attn: str):
+    from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
+
+    torch.manual_seed(0)
+    if size == "distilbert":
+        return DistilBertForMaskedLM(DistilBertConfig(attn_implementation=attn)).eval()
+    return BertForMaskedLM(BertConfig(attn_implementation=attn)).eval()
+
+
+def export(trunk: torch.nn.Module, path: Path) -> None:
+    from distilflow.tasks.infer.fast import _Trunk
+
+    ids, att = torch.full((2, 8), 1000, dtype=torch.long), torch.ones((2, 8), dtype=torch.long)
+    with torch.no_grad():
+        torch.onnx.export(_Trunk(trunk).eval(), (ids, att), str(path), input_names=["input_ids", "attention_mask"],
+                          output_names=["hidden"], opset_version=17, dynamo=False,
+                          dynamic_axes={n: {0: "batch", 1: "length"} for n in ("input_ids", "attention_mask",
+                                                                               "hidden")})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=["distilbert", "bert-base"], default="distilbert")
+    ap.add_argument("--calls", type=int, default=3)
+    args = ap.parse_args()
+
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from distilflow.tasks.infer.fill_mask import trunk_of
+
+    work = Path(tempfile.mkdtemp(prefix="bench-fast-trunk-"))
+    model = build(args.size, "sdpa")  # what fill-mask loads
+    trunk = trunk_of(model)
+    assert trunk is not None
+    export(trunk, work / "fp32.onnx")
+    quantize_dynamic(str(work / "fp32.onnx"), str(work / "int8.onnx"), weight_type=QuantType.QInt8)
+    variants = {"int8 (--fast today)": work / "int8.onnx"}
+
+    eager = trunk_of(build(args.size, "eager"))  # same seed: same weights; eager attention is what the optimizer fuses
+    export(eager, work / "eager.onnx")
+    cfg = model.config
+    fused = optimize_model(str(work / "eager.onnx"), model_type="bert", num_heads=cfg.num_attention_heads if
+                           hasattr(cfg, "num_attention_heads") else cfg.n_heads,
+                           hidden_size=cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.dim)
+    print("fused operators:", {k: v for k, v in fused.get_fused_operator_statistics().items() if v})
+    fused.save_model_to_file(str(work / "fused.onnx"))
+    # the fused contrib ops have no ONNX shape inference: tell the quantizer their outputs are float
+    quantize_dynamic(str(work / "fused.onnx"), str(work / "fused-int8.onnx"), weight_type=QuantType.QInt8,
+                     extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+    variants["fused fp32"] = work / "fused.onnx"
+    variants["fused int8"] = work / "fused-int8.onnx"
+
+    rng = np.random.default_rng(0)
+    B, L = 64, 93
+    x = torch.tensor(rng.integers(1000, 20000, size=(B, L)))
+    am = torch.ones((B, L), dtype=torch.long)
+    am[B // 2:, 60:] = 0
+    keep = am.bool()
+    print(f"{args.size}, batch {B} x {L}, {os.cpu_count()} CPUs, onnxruntime {ort.__version__}, torch {torch.__version__}")
+    print("| threads | variant | s/batch | CPU s/batch | vs torch fp32 | max abs err | min cosine |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            ref = trunk(input_ids=x, attention_mask=am).last_hidden_state
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(args.calls):
+                trunk(input_ids=x, attention_mask=am)
+            base = (time.perf_counter() - t) / args.calls
+            print(f"| {threads} | torch fp32 | {base:.3f} | {(time.process_time() - c) / args.calls:.3f} | 1.00x | | |")
+        for name, path in variants.items():
+            so = ort.SessionOptions()
+            so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
+            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            feed = {"input_ids": x.numpy(), "attention_mask": am.numpy()}
+            out = torch.from_numpy(sess.run(None, feed)[0])  # warm-up, and the output compared
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(args.calls):
+                sess.run(None, feed)
+            s = (time.perf_counter() - t) / args.calls
+            err = (out - ref).abs()[keep].max().item()
+            cos = torch.nn.functional.cosine_similarity(out[keep], ref[keep], dim=-1).min().item()
+            print(f"| {threads} | {name} | {s:.3f} | {(time.process_time() - c) / args.calls:.3f} | "
+                  f"{base / s:.2f}x | {err:.3g} | {cos:.5f} |")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
