@@ -72,3 +72,25 @@ def test_prepare_does_not_import_torch():
                           "check_tokenizer_folder(str(BERT_TOKENIZER)); tokenizer_info(str(BERT_TOKENIZER))\n"
                           "tokenizer_sha256(str(BERT_TOKENIZER))")
     assert "torch" not in mods
+
+
+def test_console_script_exits_with_mains_code_after_threads_and_atexit(tmp_path):
+    """``console`` skips only CPython's final teardown: non-daemon threads still finish, atexit handlers still
+    run, buffered output still comes out, and the exit code is main's."""
+    code = ("import atexit, sys, threading, time\n"
+            "from pathlib import Path\n"
+            "from distilflow import cli\n"
+            "d = Path(sys.argv[1])\n"
+            "def late():\n    time.sleep(0.3); (d / 'thread').write_text('done')\n"
+            "def main():\n"
+            "    threading.Thread(target=late).start()\n"
+            "    atexit.register(lambda: (d / 'atexit').write_text('ran'))\n"
+            "    print('buffered, no newline', end='')\n"
+            "    return 3\n"
+            "cli.main = main\n"
+            "cli.console()\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 3, out.stderr
+    assert out.stdout == "buffered, no newline"
+    assert (tmp_path / "thread").read_text() == "done"
+    assert (tmp_path / "atexit").read_text() == "ran"
