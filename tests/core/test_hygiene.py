@@ -204,15 +204,25 @@ def test_pretrain_stops_with_its_training_processes(prepared, tmp_path, launcher
 
 
 def test_two_runs_on_one_output_one_refuses(inputs, tmp_path):
-    """Two identical commands started together on one --output (a double-clicked deployment, a retry while
-    the first still runs): one refuses with a line naming the other; the other's output is complete."""
+    """Two identical commands on one --output (a double-clicked deployment, a retry while the first still
+    runs): the second refuses with a line naming the first; the first's output is complete."""
     few = tmp_path / "in"  # 4 of the 40 parts: a refusal needs no long run
     few.mkdir()
     for part in sorted(inputs.iterdir())[:4]:
         (few / part.name).write_bytes(part.read_bytes())
     out = tmp_path / "out"
-    runs = [_start(_prepare_args(few, out), tmp_path / f"log{i}") for i in range(2)]
+    # The first run is paused (SIGSTOP) once it holds the lock and has finished a unit, so the second one
+    # surely meets it however fast either starts (both starting at once raced: a first run done within the
+    # second's start-up leaves nothing to refuse); the lease (60 s) outlives the pause.
+    runs = [_start(_prepare_args(few, out), tmp_path / "log0")]
     try:
+        _wait_for(lambda: any((out / "corpus" / ".distilflow" / "done").glob("*.json")), runs[0], tmp_path / "log0")
+        os.killpg(runs[0].pid, signal.SIGSTOP)
+        try:
+            runs.append(_start(_prepare_args(few, out), tmp_path / "log1"))
+            runs[1].wait(timeout=300)
+        finally:
+            os.killpg(runs[0].pid, signal.SIGCONT)
         codes = [p.wait(timeout=900) for p in runs]
     finally:
         for p in runs:
@@ -220,8 +230,8 @@ def test_two_runs_on_one_output_one_refuses(inputs, tmp_path):
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
     logs = [(tmp_path / f"log{i}").read_text() for i in range(2)]
-    assert sorted(codes) == [0, 2], logs
-    winner, loser = (0, 1) if codes[0] == 0 else (1, 0)
+    assert codes == [0, 2], logs
+    winner, loser = 0, 1
     lines = [line for line in logs[loser].splitlines() if "error:" in line]
     assert len(lines) == 1 and "Traceback" not in logs[loser], logs[loser]
     assert f"is in use by another distilflow run (prepare, pid {runs[winner].pid} on " in lines[0]
