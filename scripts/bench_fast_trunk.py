@@ -4,7 +4,7 @@ One batch of 64 rows x 93 tokens (half the rows padded after 60 tokens), random 
 every variant, timed in this process after one warm-up call (3 calls, mean), at 1 and 2 threads:
 
 * ``torch fp32``: the exact mode's trunk (``tasks/infer/fill_mask.trunk_of``), the baseline of every ratio;
-* ``int8``: what ``--fast`` runs (``tasks/infer/fast.int8_trunk_file``: TorchScript export, opset 17,
+* ``int8``: what ``--fast`` runs (``tasks/infer/fast.int8_trunk_file``: ``export_fp32``, then
   ``quantize_dynamic`` QInt8 weights);
 * ``fused fp32`` / ``fused int8``: the same export with eager attention, passed through ONNX Runtime's
   transformer optimizer (``onnxruntime.transformers.optimizer.optimize_model``, model type ``bert``:
@@ -19,7 +19,9 @@ Each variant's error against torch at the unpadded positions is printed (max |di
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -37,17 +39,6 @@ def build(size: str, attn: str):
     return BertForMaskedLM(BertConfig(attn_implementation=attn)).eval()
 
 
-def export(trunk: torch.nn.Module, path: Path) -> None:
-    from distilflow.tasks.infer.fast import _Trunk
-
-    ids, att = torch.full((2, 8), 1000, dtype=torch.long), torch.ones((2, 8), dtype=torch.long)
-    with torch.no_grad():
-        torch.onnx.export(_Trunk(trunk).eval(), (ids, att), str(path), input_names=["input_ids", "attention_mask"],
-                          output_names=["hidden"], opset_version=17, dynamo=False,
-                          dynamic_axes={n: {0: "batch", 1: "length"} for n in ("input_ids", "attention_mask",
-                                                                               "hidden")})
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=["distilbert", "bert-base"], default="distilbert")
@@ -59,9 +50,11 @@ def main() -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
 
+    from distilflow.tasks.infer.fast import export_fp32 as export
     from distilflow.tasks.infer.fill_mask import trunk_of
 
     work = Path(tempfile.mkdtemp(prefix="bench-fast-trunk-"))
+    atexit.register(shutil.rmtree, work, True)  # the ONNX files (~0.5-1 GB for BERT-base) go with the run
     model = build(args.size, "sdpa")  # what fill-mask loads
     trunk = trunk_of(model)
     assert trunk is not None

@@ -66,6 +66,17 @@ def _key(model_dir: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def export_fp32(trunk: nn.Module, path: Path) -> None:
+    """``trunk`` as a float32 ONNX graph (TorchScript exporter, opset 17, batch and length dynamic)."""
+    ids = torch.full((2, 8), 1000, dtype=torch.long)
+    att = torch.ones((2, 8), dtype=torch.long)
+    with torch.no_grad():
+        torch.onnx.export(_Trunk(trunk).eval(), (ids, att), str(path), input_names=["input_ids", "attention_mask"],
+                          output_names=["hidden"], opset_version=17, dynamo=False,
+                          dynamic_axes={n: {0: "batch", 1: "length"} for n in ("input_ids", "attention_mask",
+                                                                               "hidden")})
+
+
 def int8_trunk_file(trunk: nn.Module, model_dir: str) -> Path:
     """The int8 ONNX file of ``trunk`` (exported and quantized on first use, then cached)."""
     out = cache_root() / "fast" / _key(model_dir) / "trunk.int8.onnx"
@@ -77,14 +88,8 @@ def int8_trunk_file(trunk: nn.Module, model_dir: str) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         fp32 = out.with_name(f".trunk.fp32.{os.getpid()}.onnx")
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        ids = torch.full((2, 8), 1000, dtype=torch.long)
-        att = torch.ones((2, 8), dtype=torch.long)
         log.info("--fast: exporting the encoder of %s to int8 ONNX (once; cached in %s)", model_dir, out.parent)
-        with torch.no_grad():
-            torch.onnx.export(_Trunk(trunk).eval(), (ids, att), str(fp32), input_names=["input_ids", "attention_mask"],
-                              output_names=["hidden"], opset_version=17, dynamo=False,
-                              dynamic_axes={n: {0: "batch", 1: "length"} for n in ("input_ids", "attention_mask",
-                                                                                   "hidden")})
+        export_fp32(trunk, fp32)
         quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8)
         fp32.unlink(missing_ok=True)
         tmp.replace(out)  # atomic: a killed export leaves no half file under the final name
