@@ -67,7 +67,7 @@ def test_preset_wires_the_recipe_into_the_pipeline_stages(tmp_path):
     cfg = PipelineConfig(output=str(tmp_path), preset="replicate", glue_dir=str(SHARED / "glue"))
     assert plan.eval_tasks(cfg) == ["mlm", "bias", "sst2", "mrpc"]
     ev = plan.eval_settings(cfg)
-    assert ev["seeds"] == 3 and ev["task_distill"] and ev["scratch_baselines"] and ev["lr"] == 1e-4
+    assert ev["seeds"] == 3 and ev["task_distill"] and ev["scratch_baselines"] and ev["lr"] == 3e-4
     EvaluateConfig(model="m", output="o", tasks=tuple(plan.eval_tasks(cfg)), data="d", glue_dir="g", teacher="t", **ev)
     # the other presets' evaluate stage is what it was (their stage records, hence reruns, do not change)
     assert plan.eval_settings(PipelineConfig(output="o", glue_dir="g", glue_tasks=("sst2",))) == {}
