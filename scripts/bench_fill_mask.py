@@ -236,14 +236,15 @@ def bench_case(kind: str, n: int, work: Path, args: argparse.Namespace) -> dict[
     if args.fast:
         two = work / f"{kind}-2rows.txt"
         two.write_text("\n".join(rows[:2]) + "\n")
-        export = run_distilflow(model, two, work / f"{kind}-fast-export", log, "--fast")  # the one-time export
-        fwall = run_distilflow(model, rows_file, work / f"{kind}-fast", log, "--fast")
+        q = ("--quantize", args.fast_mode)
+        export = run_distilflow(model, two, work / f"{kind}-fast-export", log, *q)  # int8: the one-time export
+        fwall = run_distilflow(model, rows_file, work / f"{kind}-fast", log, *q)
         fast = distilflow_answers(work / f"{kind}-fast", len(rows))
         top1 = [(a[0][0]["token"], b[0][0]["token"]) for a, b in zip(fast, got, strict=True)]
         res["fast_rows_s"] = len(rows) / fwall
-        print(f"distilflow fill-mask --fast, whole proc: {res['fast_rows_s']:7.1f} rows/s ({fwall:.1f} s) = "
-              f"{res['fast_rows_s'] / res['distilflow_rows_s']:.2f}x exact (export cached; the first --fast run on "
-              f"2 rows, export included, took {export:.1f} s); top-1 agreement with exact (random weights) "
+        print(f"distilflow fill-mask --quantize {args.fast_mode}, whole proc: {res['fast_rows_s']:7.1f} rows/s "
+              f"({fwall:.1f} s) = {res['fast_rows_s'] / res['distilflow_rows_s']:.2f}x exact (the first run on "
+              f"2 rows, an int8 export included, took {export:.1f} s); top-1 agreement with exact (random weights) "
               f"{sum(a == b for a, b in top1) / len(top1):.3f}", flush=True)
 
     if kind == "bert-base" and not args.no_faster_clip:
@@ -271,7 +272,7 @@ def bench_case(kind: str, n: int, work: Path, args: argparse.Namespace) -> dict[
     return res
 
 
-def agreement(model: str, n: int, seed: int) -> dict[str, Any]:
+def agreement(model: str, n: int, seed: int, mode: str) -> dict[str, Any]:
     """--fast against the exact mode on one (trained) model, in-process: top-1 / top-5 agreement per mask and
     the speed of both (wall clock, default threads, after a warm-up)."""
     from distilflow.tasks.infer.config import FillMaskConfig
@@ -279,7 +280,7 @@ def agreement(model: str, n: int, seed: int) -> dict[str, Any]:
 
     rows = gutenberg_rows(n, seed)
     exact = FillMasker(FillMaskConfig(model=model, device="cpu"))
-    fast = FillMasker(FillMaskConfig(model=model, device="cpu", quantize="int8"))
+    fast = FillMasker(FillMaskConfig(model=model, device="cpu", quantize=mode))  # type: ignore[arg-type]
     enc = [e for e in exact.encode(rows) if isinstance(e, list)]
     times = {}
     out = {}
@@ -292,9 +293,9 @@ def agreement(model: str, n: int, seed: int) -> dict[str, Any]:
     top1 = sum(int(a[1][0] == b[1][0]) for a, b in pairs) / len(pairs)
     top5 = sum(len(set(a[1].tolist()) & set(b[1].tolist())) for a, b in pairs) / (5 * len(pairs))
     same5 = sum(a[1].tolist() == b[1].tolist() for a, b in pairs) / len(pairs)
-    res = {"model": model, "rows": len(enc), "masks": len(pairs), "top1_agreement": top1, "top5_overlap": top5,
+    res = {"model": model, "mode": fast.cfg.quantize, "rows": len(enc), "masks": len(pairs), "top1_agreement": top1, "top5_overlap": top5,
            "top5_identical": same5, "exact_rows_s": len(enc) / times["exact"], "fast_rows_s": len(enc) / times["fast"]}
-    print(f"--fast vs exact on {model}: {len(enc)} rows, {len(pairs)} masks: top-1 agreement {top1:.3f}, top-5 "
+    print(f"--fast ({fast.cfg.quantize}) vs exact on {model}: {len(enc)} rows, {len(pairs)} masks: top-1 agreement {top1:.3f}, top-5 "
           f"overlap {top5:.3f}, identical top-5 lists {same5:.3f}; in-process {res['exact_rows_s']:.1f} -> "
           f"{res['fast_rows_s']:.1f} rows/s = {res['fast_rows_s'] / res['exact_rows_s']:.2f}x", flush=True)
     return res
@@ -307,6 +308,8 @@ def main() -> int:
     ap.add_argument("--lama-rows", type=int, default=1000, help="rows of the bert-base case (default 1000)")
     ap.add_argument("--repeat", type=int, default=1, help="distilflow runs per measurement; the median counts")
     ap.add_argument("--fast", action="store_true", help="also time --fast (opt-in approximate mode)")
+    ap.add_argument("--fast-mode", choices=["auto", "bf16", "int8"], default="auto",
+                    help="the --fast mode timed (auto = what --fast picks on this machine)")
     ap.add_argument("--no-faster-clip", action="store_true")
     ap.add_argument("--no-startup", action="store_true", help="skip the 2-row fixed-cost runs")
     ap.add_argument("--seed", type=int, default=0)
@@ -328,7 +331,7 @@ def main() -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads (default), {os.cpu_count()} CPUs; "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     if args.agreement:
-        print(json.dumps(agreement(args.agreement, args.rows, args.seed)))
+        print(json.dumps(agreement(args.agreement, args.rows, args.seed, args.fast_mode)))
         return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-fill-mask-"))
     work.mkdir(parents=True, exist_ok=True)

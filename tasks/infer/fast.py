@@ -1,11 +1,14 @@
-"""The opt-in fast mode (``fill-mask --fast``, alias ``--quantize int8``): the encoder in int8 on ONNX Runtime.
+"""``fill-mask --fast`` on CPUs without native bf16 (``--quantize int8``): the encoder in int8 on ONNX Runtime.
 
-Measured before choosing (DistilBERT size, one 64 x 93 batch, one thread, this project's 2-core Xeon: AVX512
-with VNNI, *no* AVX512-BF16 or AMX), CPU time per batch:
+``--fast`` picks its mode per machine (``config.fast_mode``): on CPUs with AVX512-BF16 or AMX the trunk runs
+under torch's bf16 autocast instead (``fill_mask.bf16_parts``: 3.3x float32 on a DistilBERT-size trunk on
+this project's AMD EPYC host, closer to float32 than int8). This module is the int8 path, chosen for CPUs
+without native bf16. Measured before choosing it (DistilBERT size, one 64 x 93 batch, one thread, a 2-core
+Xeon with AVX512 and VNNI but *no* AVX512-BF16 or AMX), CPU time per batch:
 
 =============================================  =========  ==========================================
 fp32 (torch, the exact mode)                   4.4-5.0 s
-bf16 autocast (torch)                          17.9 s     no native bf16 here: emulated, 4x slower
+bf16 autocast (torch)                          17.9 s     no native bf16 there: emulated, 4x slower
 torchao 0.18 Int8DynamicActivationInt8Weight    6.4 s      its CPU path is slower than fp32
 our own int8 on ``torch._int_mm``              4.6 s      the GEMM is 2.5x faster, but unfused rescaling
                                                           of the int32 output costs it all back

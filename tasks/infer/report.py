@@ -15,9 +15,9 @@ from distilflow.tasks.core.markdown import markdown_table
 def add_agreement(manifest: dict[str, Any]) -> dict[str, Any]:
     """The approximate mode's measured top-1 agreement with the exact model, from the summed counters."""
     counts = manifest.get("counts", {})
-    agree, checked = counts.get("int8_top1_agree"), counts.get("int8_check_masks")
+    agree, checked = counts.get("fast_top1_agree"), counts.get("fast_check_masks")
     if checked:
-        manifest["int8_top1_agreement"] = agree / checked
+        manifest["fast_top1_agreement"] = agree / checked
     return manifest
 
 
@@ -31,8 +31,8 @@ def files_markdown(job: str, output: str, markers: Sequence[dict[str, Any]]) -> 
 def summary_lines(manifest: dict[str, Any]) -> tuple[str, str | None]:
     """(the result line for stdout, the errors-by-reason line for stderr or None)."""
     c = manifest["counts"]
-    extra = (f", int8 top-1 agreement {manifest['int8_top1_agreement']:.4f}"
-             if "int8_top1_agreement" in manifest else "")
+    extra = (f", --fast top-1 agreement with the exact mode {manifest['fast_top1_agreement']:.4f}"
+             if "fast_top1_agreement" in manifest else "")
     line = (f"{c.get('input_rows', 0):,} input rows: {c.get('ok_rows', 0):,} ok, {c.get('error_rows', 0):,} "
             f"in the errors files{extra}; {manifest['rows']:,} output rows in {len(manifest['files'])} file(s)")
     skipped = manifest.get("skipped")

@@ -256,11 +256,53 @@ def test_fast_mode_runs_int8_on_onnx_runtime_and_reports_agreement(model_path, t
     assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops, ops
     marker = run_file(fm, stage, str(src), "x")
     c = marker["counts"]
-    assert c["int8_check_masks"] == c["masks"] > 0
-    assert 0.5 <= c["int8_top1_agree"] / c["int8_check_masks"] <= 1.0
+    assert c["fast_check_masks"] == c["masks"] > 0
+    assert 0.5 <= c["fast_top1_agree"] / c["fast_check_masks"] <= 1.0
     mtime = exported[0].stat().st_mtime_ns
     FillMasker(cfg)
     assert exported[0].stat().st_mtime_ns == mtime  # cached, not exported again
+
+
+def test_fast_mode_bf16_runs_the_trunk_in_bf16_and_reports_agreement(model_path, tmp_path):
+    """--fast on a CPU with native bf16: the layers before the last under bf16 autocast (their matrix
+    products in bf16), the last layer and head in float32; answers close to the exact mode's, agreement
+    measured and reported."""
+    src = tmp_path / "x.txt"
+    texts = gutenberg_texts(20, seed=5)
+    src.write_text("\n".join(texts) + "\n")
+    cfg = FillMaskConfig(model=model_path, quantize="bf16", device="cpu")
+    fm = FillMasker(cfg)
+    seen: list[torch.dtype] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, o: seen.append(o.dtype))
+             for m in fm.model.modules() if isinstance(m, torch.nn.Linear)]
+    fast = fm(texts)
+    for h in hooks:
+        h.remove()
+    assert torch.bfloat16 in seen and torch.float32 in seen  # trunk in bf16, last layer and head in fp32
+    exact = FillMasker(FillMaskConfig(model=model_path, device="cpu"))(texts)
+    top1 = [(o[0] if isinstance(o[0], dict) else o[0][0])["token"] for o in fast]
+    top1_ref = [(o[0] if isinstance(o[0], dict) else o[0][0])["token"] for o in exact]
+    assert sum(a == b for a, b in zip(top1, top1_ref, strict=True)) >= 0.8 * len(texts)
+    stage = open_output(str(tmp_path / "o"), "fill-mask", cfg.to_dict(), cfg.output_fingerprint())
+    c = run_file(FillMasker(cfg), stage, str(src), "x")["counts"]  # a new job: its first window is checked
+    assert c["fast_check_masks"] == c["masks"] > 0 and c["fast_top1_agree"] <= c["fast_check_masks"]
+
+
+def test_fast_flag_resolves_to_the_machines_mode(monkeypatch):
+    """--fast (quantize "auto") is resolved when the config is made, so config.json and the fingerprint
+    name the mode that ran; DISTILFLOW_FAST_MODE overrides the CPU-flag choice."""
+    from distilflow.tasks.infer import config as infer_config
+
+    for mode in ("bf16", "int8"):
+        monkeypatch.setenv("DISTILFLOW_FAST_MODE", mode)
+        infer_config.fast_mode.cache_clear()
+        cfg = FillMaskConfig(model="m", quantize="auto")
+        assert cfg.quantize == mode and cfg.to_dict()["quantize"] == mode
+        assert cfg.output_fingerprint() == FillMaskConfig(model="m", quantize=mode).output_fingerprint()
+    monkeypatch.delenv("DISTILFLOW_FAST_MODE")
+    infer_config.fast_mode.cache_clear()
+    native = "avx512_bf16" in Path("/proc/cpuinfo").read_text() or "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    assert infer_config.fast_mode() == ("bf16" if native else "int8")
 
 
 @pytest.mark.gpu
