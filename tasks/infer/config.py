@@ -34,7 +34,7 @@ from distilflow.tasks.core.config import CommandSpec, Config, option, require
 @functools.lru_cache(maxsize=1)
 def fast_mode() -> Literal["bf16", "int8"]:
     """What ``--fast`` runs on this machine: bf16 where the CPU computes it natively (AVX512-BF16 or AMX:
-    measured 3.3x float32 on a DistilBERT-size trunk), int8 on ONNX Runtime elsewhere (torch emulates bf16
+    measured 3.0-3.2x float32 on a DistilBERT-size trunk), int8 on ONNX Runtime elsewhere (torch emulates bf16
     there, 4x *slower* than float32). ``DISTILFLOW_FAST_MODE=bf16|int8`` overrides the choice."""
     forced = os.environ.get("DISTILFLOW_FAST_MODE", "")
     if forced in ("bf16", "int8"):

@@ -1,7 +1,7 @@
 """``fill-mask --fast`` on CPUs without native bf16 (``--quantize int8``): the encoder in int8 on ONNX Runtime.
 
 ``--fast`` picks its mode per machine (``config.fast_mode``): on CPUs with AVX512-BF16 or AMX the trunk runs
-under torch's bf16 autocast instead (``fill_mask.bf16_parts``: 3.3x float32 on a DistilBERT-size trunk on
+under torch's bf16 autocast instead (``fill_mask.bf16_parts``: 3.0-3.2x float32 on a DistilBERT-size trunk on
 this project's AMD EPYC host, closer to float32 than int8). This module is the int8 path, chosen for CPUs
 without native bf16. Measured before choosing it (DistilBERT size, one 64 x 93 batch, one thread, a 2-core
 Xeon with AVX512 and VNNI but *no* AVX512-BF16 or AMX), CPU time per batch:

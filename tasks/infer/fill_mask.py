@@ -208,8 +208,9 @@ def bf16_parts(model: Any) -> tuple[Encoder, Head]:
     """(encoder, head) whose trunk runs under CPU bf16 autocast (``--fast`` on CPUs with native bf16).
 
     Autocast computes the matrix products in bf16 and keeps layer norms and softmax in float32; the last
-    layer and the MLM head stay in float32 as in the exact mode. On a DistilBERT-size trunk (64 x 43 tokens,
-    one thread, AVX512-BF16): 3.3x float32, hidden states within 0.02 (cosine >= 0.99999) of float32's.
+    layer and the MLM head stay in float32 as in the exact mode. On a DistilBERT-size trunk (one 64 x 93 batch,
+    AVX512-BF16; ``scripts/bench_fast_trunk.py``): 3.0x float32 at one thread, 3.2x at two, hidden states
+    within 0.02 (cosine >= 0.99999) of float32's.
     """
     view = trunk_of(model)
     if view is None or next(model.parameters()).device.type != "cpu":
