@@ -184,6 +184,15 @@ def _split_mlm(model: Any, fast_trunk: Callable[[torch.Tensor, torch.Tensor], to
     return None
 
 
+def _cpu_trunk(model: Any) -> nn.Module:
+    """The layers before the last of a BERT/DistilBERT MLM on the CPU, or the one-line error --fast gives."""
+    view = trunk_of(model)
+    if view is None or next(model.parameters()).device.type != "cpu":
+        raise ConfigError(f"FillMaskConfig.quantize: --fast runs BERT/DistilBERT masked-LM models on a CPU "
+                          f"({type(model).__name__}); use --device cpu, or run without --fast")
+    return view
+
+
 def fast_parts(model_dir: str, model: Any, streams: int, threads: int) -> tuple[Encoder, Head]:
     """(encoder, head) whose trunk runs in int8 on ONNX Runtime (``--fast``, tasks/infer/fast.py)."""
     from distilflow.tasks.infer.fast import int8_trunk_file
@@ -194,10 +203,7 @@ def fast_parts(model_dir: str, model: Any, streams: int, threads: int) -> tuple[
     except ImportError as e:
         raise ConfigError("FillMaskConfig.quantize: --fast needs ONNX Runtime: pip install 'distilflow[fast]' "
                           f"({e})") from e
-    view = trunk_of(model)
-    if view is None or next(model.parameters()).device.type != "cpu":
-        raise ConfigError(f"FillMaskConfig.quantize: --fast runs BERT/DistilBERT masked-LM models on a CPU "
-                          f"({type(model).__name__}); use --device cpu, or run without --fast")
+    view = _cpu_trunk(model)
     path = int8_trunk_file(view, local_model(model_dir))  # (a local folder here: FillMasker passes its copy)
     parts = _split_mlm(model, _ort_trunk(str(path), 1 if streams > 1 else threads))
     assert parts is not None
@@ -212,10 +218,7 @@ def bf16_parts(model: Any) -> tuple[Encoder, Head]:
     AVX512-BF16; ``scripts/bench_fast_trunk.py``): 3.0x float32 at one thread, 3.2x at two, hidden states
     within 0.02 (cosine >= 0.99999) of float32's.
     """
-    view = trunk_of(model)
-    if view is None or next(model.parameters()).device.type != "cpu":
-        raise ConfigError(f"FillMaskConfig.quantize: --fast runs BERT/DistilBERT masked-LM models on a CPU "
-                          f"({type(model).__name__}); use --device cpu, or run without --fast")
+    view = _cpu_trunk(model)
 
     def trunk(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # (B, L, H) float32
         with torch.autocast(device_type="cpu", dtype=torch.bfloat16):  # thread-local: set in each stream

@@ -301,7 +301,8 @@ def test_fast_flag_resolves_to_the_machines_mode(monkeypatch):
         assert cfg.output_fingerprint() == FillMaskConfig(model="m", quantize=mode).output_fingerprint()
     monkeypatch.delenv("DISTILFLOW_FAST_MODE")
     infer_config.fast_mode.cache_clear()
-    native = "avx512_bf16" in Path("/proc/cpuinfo").read_text() or "amx_bf16" in Path("/proc/cpuinfo").read_text()
+    flags = Path("/proc/cpuinfo").read_text()
+    native = "avx512_bf16" in flags or "amx_bf16" in flags
     assert infer_config.fast_mode() == ("bf16" if native else "int8")
 
 
