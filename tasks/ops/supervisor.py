@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from distilflow.tasks.core import io
 
 
@@ -63,7 +65,9 @@ def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen | None = None,
 def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
     """SIGTERM the process group of ``proc`` (it was started in its own session), then SIGKILL leftovers.
 
-    Workers start flow runs as child processes; signalling the group stops those too.
+    Workers start flow runs as child processes, and Prefect's process worker starts each in a session of
+    its own (so a group-wide signal cannot reach it): descendants outside the group are found before the
+    signal and stopped the same way.
     """
     stop_processes([proc], timeout)
 
@@ -71,10 +75,15 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
 def stop_processes(procs: Sequence[subprocess.Popen], timeout: float = 15) -> None:
     """:func:`stop_process` for several processes at once: all get SIGTERM together and share one
     ``timeout``, so stopping N slow-to-exit processes takes ``timeout``, not N times it."""
+    # descendants first: once a leader is gone its children are re-parented and cannot be found
+    strays = [c for proc in procs for c in _descendants(proc.pid) if _pgid(c.pid) != proc.pid]
     for proc in procs:
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGTERM)
+    for child in strays:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
     deadline = time.monotonic() + timeout
     for proc in procs:
         try:
@@ -86,6 +95,25 @@ def stop_processes(procs: Sequence[subprocess.Popen], timeout: float = 15) -> No
         # the leader may be gone while children of the group still run
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
+    _, alive = psutil.wait_procs(strays, timeout=max(0.0, deadline - time.monotonic()))
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(alive, timeout=10)
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.Error:  # already gone
+        return []
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 @dataclass

@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from distilflow.tasks.core.errors import UserError
@@ -55,9 +57,30 @@ def test_stop_process_kills_the_whole_group(tmp_path):
     with pytest.raises(ProcessLookupError):
         for _ in range(50):
             os.kill(child, 0)
-            import time
-
             time.sleep(0.1)
+
+
+def test_stop_process_stops_descendants_in_their_own_session(tmp_path):
+    # Prefect's process worker starts each flow run with start_new_session=True: a group-wide signal misses it
+    code = ("import subprocess, sys, time; "
+            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
+            "print(p.pid, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child = int(proc.stdout.readline())
+    assert os.getpgid(child) != proc.pid  # really outside the group
+    stop_process(proc, timeout=5)
+    assert proc.poll() is not None
+    deadline = time.monotonic() + 5
+    while running(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not running(child), f"process {child} (own session) left running"
+
+
+def running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def test_wait_http_ok_fails_early_when_the_process_dies(tmp_path):
