@@ -10,8 +10,11 @@ through :func:`load_pretrained`, which holds one process-wide lock.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from distilflow.tasks.core.errors import InputError
@@ -23,6 +26,17 @@ T = TypeVar("T")
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
 
 _LOAD_LOCK = threading.RLock()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 matrix products natively (AVX512-BF16 or AMX in ``/proc/cpuinfo``).
+    Elsewhere torch emulates bf16 on the CPU, several times *slower* than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
 
 
 def check_model_folder(path: str) -> None:

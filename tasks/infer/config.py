@@ -23,9 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from distilflow.tasks.core.config import CommandSpec, Config, option, require
@@ -39,15 +37,14 @@ def fast_mode() -> Literal["bf16", "int8"]:
     forced = os.environ.get("DISTILFLOW_FAST_MODE", "")
     if forced in ("bf16", "int8"):
         return forced  # type: ignore[return-value]
-    try:
-        flags = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return "int8"
-    return "bf16" if re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) else "int8"
+    from distilflow.tasks.core.hf import cpu_has_native_bf16
+
+    return "bf16" if cpu_has_native_bf16() else "int8"
 
 
 # batching, threads and device choice never change an answer: left out of the output fingerprint
-_NOT_IN_FINGERPRINT = ("batch_size", "window_rows", "threads", "device")
+# fast_check_rows: the agreement check changes the manifest's counters, not the answers
+_NOT_IN_FINGERPRINT = ("batch_size", "window_rows", "threads", "device", "fast_check_rows")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,6 +87,9 @@ class FillMaskConfig(TextOptions, ModelOptions):
         "bf16 (torch autocast) on CPUs with native bf16 (AVX512-BF16 or AMX), else int8 on ONNX Runtime (its "
         "first run on a model exports it once, ~20 s); faster, approximate: top-1 agreement with the exact "
         "mode is measured on the first window and reported", aliases=("--fast",), const="auto")
+    fast_check_rows: int = option(
+        256, "--fast: rows of the first window also run in the exact mode to measure and report the top-1 "
+        "agreement (0 = no check: saves their exact forward pass, the manifest then has no agreement)", ge=0)
     window_rows: int = option(4096, "rows read, length-sorted and written at a time (bounds memory)", ge=1,
                               cli=False)
 

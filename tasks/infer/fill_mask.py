@@ -87,7 +87,6 @@ def pipeline_target_ids(tokenizer: Any, targets: Sequence[str]) -> np.ndarray:
     return np.array(ids)
 
 
-AGREEMENT_ROWS = 256  # --fast: rows of the first window also run exactly, to report the top-1 agreement
 
 # encoder(input_ids, attention_mask, is_mask) -> (M, H) final hidden states at the masks; head: (M, H) -> (M, V)
 Encoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -288,9 +287,10 @@ class FillMasker:
         elif cfg.quantize == "bf16":  # --fast on CPUs with native bf16: the trunk under bf16 autocast
             self.quant_parts = bf16_parts(self.model)
         if self.quant_parts is not None:
-            log.info("--fast: the encoder's layers before the last in %s (%s); top-1 agreement with the exact "
-                     "mode is measured on the first %d rows", cfg.quantize,
-                     "torch bf16 autocast" if cfg.quantize == "bf16" else "ONNX Runtime", AGREEMENT_ROWS)
+            log.info("--fast: the encoder's layers before the last in %s (%s); %s", cfg.quantize,
+                     "torch bf16 autocast" if cfg.quantize == "bf16" else "ONNX Runtime",
+                     f"top-1 agreement with the exact mode is measured on the first {cfg.fast_check_rows} rows"
+                     if cfg.fast_check_rows else "no agreement check (--fast-check-rows 0)")
         self._token_str: dict[int, str] = {}
 
     def schema(self) -> pa.Schema:
@@ -411,11 +411,12 @@ class FillMasker:
         quantized = self.quant_parts is not None
         preds = self.predict(ids, quantized=quantized)
         stats: dict[str, float] = {"masks": sum(len(p) for p in preds)}
-        if quantized and not self._agreement_checked:
+        n_check = self.cfg.fast_check_rows
+        if quantized and n_check and not self._agreement_checked:
             # --fast is approximate: measure its top-1 agreement with the exact model once, on the first
-            # AGREEMENT_ROWS rows (a sample: on the whole first window it would double the work of small files)
-            ref = self.predict(ids[:AGREEMENT_ROWS], quantized=False)
-            pairs = [(a[1][0], b[1][0]) for pa_, pb in zip(preds[:AGREEMENT_ROWS], ref, strict=True)
+            # fast_check_rows rows (a sample: on the whole first window it would double the work of small files)
+            ref = self.predict(ids[:n_check], quantized=False)
+            pairs = [(a[1][0], b[1][0]) for pa_, pb in zip(preds[:n_check], ref, strict=True)
                      for a, b in zip(pa_, pb, strict=True)]
             stats["fast_check_masks"] = len(pairs)
             stats["fast_top1_agree"] = sum(int(a == b) for a, b in pairs)

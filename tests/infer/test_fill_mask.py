@@ -286,6 +286,16 @@ def test_fast_mode_bf16_runs_the_trunk_in_bf16_and_reports_agreement(model_path,
     stage = open_output(str(tmp_path / "o"), "fill-mask", cfg.to_dict(), cfg.output_fingerprint())
     c = run_file(FillMasker(cfg), stage, str(src), "x")["counts"]  # a new job: its first window is checked
     assert c["fast_check_masks"] == c["masks"] > 0 and c["fast_top1_agree"] <= c["fast_check_masks"]
+    # --fast-check-rows 0: no exact pass, no agreement counters, the same answers; 3: only three rows checked
+    unchecked = FillMaskConfig(model=model_path, quantize="bf16", device="cpu", fast_check_rows=0)
+    assert unchecked.output_fingerprint() == cfg.output_fingerprint()  # the answers do not depend on it
+    c0 = run_file(FillMasker(unchecked), open_output(str(tmp_path / "o0"), "fill-mask", unchecked.to_dict(),
+                                                     unchecked.output_fingerprint()), str(src), "x")["counts"]
+    assert "fast_check_masks" not in c0 and c0["masks"] == c["masks"]
+    three = FillMaskConfig(model=model_path, quantize="bf16", device="cpu", fast_check_rows=3)
+    c3 = run_file(FillMasker(three), open_output(str(tmp_path / "o3"), "fill-mask", three.to_dict(),
+                                                 three.output_fingerprint()), str(src), "x")["counts"]
+    assert 3 <= c3["fast_check_masks"] < c["fast_check_masks"]
 
 
 def test_fast_flag_resolves_to_the_machines_mode(monkeypatch):
