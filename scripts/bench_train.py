@@ -12,6 +12,8 @@ full-length batches (no padding; random weights: speed does not depend on them):
 
       python scripts/bench_train.py --cpu-ratio                 # ~2 min on 2 cores
       python scripts/bench_train.py --cpu-ratio --restrict-ce-to-mask
+      # --precision bf16 on a CPU with native bf16, at the replication recipe's sizes:
+      python scripts/bench_train.py --cpu-ratio --cpu-bf16 --layers 6 --hidden 256 --vocab 8192 --batch-size 32
 
 * default (GPU): BERT-base teacher (12 x 768) -> 6-layer student, seq 128, bf16 autocast: tokens/s and
   MFU of the project's distillation step, against the straightforward HF-style step (full logits via
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import statistics
 import sys
 import time
@@ -63,15 +66,16 @@ def make_batch(b: int, s: int, vocab: int, device: torch.device, g: torch.Genera
 
 
 def teacher_config(a: argparse.Namespace) -> BertConfig:
-    return BertConfig(vocab_size=VOCAB, hidden_size=a.hidden, num_hidden_layers=a.layers,
+    return BertConfig(vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers,
                       num_attention_heads=max(1, a.hidden // 64), intermediate_size=4 * a.hidden,
                       max_position_embeddings=512)
 
 
-def stepper(objective: Any, forward: Any, device: torch.device) -> Any:
-    """One full training step of ``objective.model`` with ``forward(batch) -> (loss, terms)``."""
+def stepper(objective: Any, forward: Any, device: torch.device, cpu_bf16: bool = False) -> Any:
+    """One full training step of ``objective.model`` with ``forward(batch) -> (loss, terms)`` (bf16 autocast on
+    CUDA, and on the CPU with ``cpu_bf16``: what ``--precision bf16`` does)."""
     opt = torch.optim.AdamW(objective.model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" \
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if device.type == "cuda" or cpu_bf16 \
         else contextlib.nullcontext
 
     def step(b: dict[str, torch.Tensor]) -> None:
@@ -97,11 +101,18 @@ def cpu_ratio(a: argparse.Namespace) -> None:
                              cfg)
     ref = DistillObjective(init_student_from_teacher(teacher, default_student_layers(a.layers)).train(), teacher,
                            cfg)
-    kinds = {"pretrain": stepper(pre, pre, device), "distill (reference loss)": stepper(ref, lambda b: reference_forward(
-        ref, b), device), "distill (fused, chunked)": stepper(fused, fused, device)}
+    if a.cpu_bf16:  # --precision bf16 on the CPU against float32, for both kinds of step
+        pre16 = PretrainObjective(copy.deepcopy(pre.model), 0.15)
+        fused16 = DistillObjective(copy.deepcopy(fused.model), teacher, cfg)
+        kinds = {"pretrain": stepper(pre, pre, device), "pretrain bf16": stepper(pre16, pre16, device, True),
+                 "distill (fused, chunked)": stepper(fused, fused, device),
+                 "distill bf16": stepper(fused16, fused16, device, True)}
+    else:
+        kinds = {"pretrain": stepper(pre, pre, device), "distill (reference loss)": stepper(
+            ref, lambda b: reference_forward(ref, b), device), "distill (fused, chunked)": stepper(fused, fused, device)}
     g = torch.Generator().manual_seed(0)
-    batches = [make_batch(a.batch_size, a.seq_len, VOCAB, device, g) for _ in range(2)]
-    print(f"CPU, {torch.get_num_threads()} threads; teacher {a.layers}x{a.hidden} (vocab {VOCAB}) -> student "
+    batches = [make_batch(a.batch_size, a.seq_len, a.vocab, device, g) for _ in range(2)]
+    print(f"CPU, {torch.get_num_threads()} threads; teacher {a.layers}x{a.hidden} (vocab {a.vocab}) -> student "
           f"{len(default_student_layers(a.layers))} layers; batch {a.batch_size} x seq {a.seq_len}; "
           f"restrict_ce_to_mask={a.restrict_ce_to_mask}; {a.rounds} rounds x {a.steps} steps", flush=True)
     times: dict[str, list[float]] = {k: [] for k in kinds}
@@ -122,6 +133,9 @@ def cpu_ratio(a: argparse.Namespace) -> None:
         med = statistics.median(v)
         print(f"{k:26s} {med:.3f} s/step  {a.batch_size * a.seq_len / med:,.0f} tok/s  {med / base:.2f}x pretrain  "
               f"step memory +{extra[k]:.2f} GiB")
+    if a.cpu_bf16:
+        for fp32, bf16 in (("pretrain", "pretrain bf16"), ("distill (fused, chunked)", "distill bf16")):
+            print(f"{bf16}: {statistics.median(times[fp32]) / statistics.median(times[bf16]):.2f}x faster than float32")
 
 
 class PeakRSS:
@@ -170,7 +184,7 @@ def gpu_bench(kind: str, a: argparse.Namespace, device: torch.device) -> dict[st
 
     step = stepper(objective, objective if kind == "ours" else hf_style, device)
     g = torch.Generator().manual_seed(0)
-    batches = [make_batch(a.batch_size, a.seq_len, VOCAB, device, g) for _ in range(4)]
+    batches = [make_batch(a.batch_size, a.seq_len, a.vocab, device, g) for _ in range(4)]
     for i in range(a.warmup):
         step(batches[i % len(batches)])
     cuda = device.type == "cuda"
@@ -199,6 +213,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu-ratio", action="store_true", help="distill vs pretrain step on CPU (defaults: mini, "
                    "batch 16, seq 128, 3 rounds x 3 steps)")
+    p.add_argument("--cpu-bf16", action="store_true", help="with --cpu-ratio: float32 against --precision bf16 "
+                   "(CPU bf16 autocast; for CPUs with AVX512-BF16/AMX) for pretraining and distillation steps")
+    p.add_argument("--vocab", type=int, default=VOCAB, help="vocabulary size (default %(default)s)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke check: 2 x 64 teacher, batch 4, seq 32, 3 steps")
     p.add_argument("--layers", type=int, default=None, help="teacher layers (default 12; --cpu-ratio: 4)")
     p.add_argument("--hidden", type=int, default=None, help="teacher/student width (default 768; --cpu-ratio: 256)")

@@ -125,7 +125,7 @@ class _FusedHeadLosses(torch.autograd.Function):
         n, T, dev, f32 = z.shape[0], temperature, z.device, torch.float32
         masked = labels != IGNORE_INDEX  # [N]
         m = int(masked.sum())
-        mm = _matmul_dtype(z)  # bf16 under CUDA autocast, as the nn.Linear it replaces would run
+        mm = _matmul_dtype(z)  # bf16 under autocast, as the nn.Linear it replaces would run
         wc, wtc, bc, btc = w.to(mm), wt.to(mm), b.to(mm), bt.to(mm)  # [V, H], [V]
         # the KL gradient's scale goes into the matmuls' alpha; the MLM rows are added to it relative to it
         k_scale = alpha_ce * T / n if n else 0.0
@@ -183,14 +183,15 @@ def _add_matmul(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: floa
     """``out += alpha * a @ b`` into the fp32 accumulator (in place when ``a``, ``b`` are fp32 too)."""
     if a.dtype == out.dtype:
         out.addmm_(a, b, alpha=alpha)
-    else:  # bf16 operands (CUDA autocast): the product in bf16, accumulated in fp32
+    else:  # bf16 operands (autocast): the product in bf16, accumulated in fp32
         out.add_((a @ b).float(), alpha=alpha)
 
 
 def _matmul_dtype(z: torch.Tensor) -> torch.dtype:
-    """bf16 where CUDA autocast is on (as the nn.Linear it replaces would run), else the input's dtype."""
-    if z.is_cuda and torch.is_autocast_enabled("cuda"):
-        return torch.get_autocast_dtype("cuda")
+    """bf16 where autocast is on for ``z``'s device (as the nn.Linear it replaces would run), else the input's
+    dtype."""
+    if torch.is_autocast_enabled(z.device.type):
+        return torch.get_autocast_dtype(z.device.type)
     return z.dtype
 
 

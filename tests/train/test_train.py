@@ -272,6 +272,35 @@ def test_gpu_bf16_distill_smoke(tmp_path, prepared, teacher):
     assert len(pipeline("fill-mask", model=str(out), device=0)("the [MASK] of it.")) == 5
 
 
+def test_cpu_bf16_distill_where_native_else_refused(tmp_path, prepared, teacher, monkeypatch):
+    """--precision bf16 on a CPU: autocast (the encoders' and the fused head's matrix products in bf16) where
+    the CPU computes bf16 natively; refused, naming the field, where torch would emulate it."""
+    from distilflow.tasks.core import hf
+    from distilflow.tasks.core.errors import ConfigError
+    from distilflow.tasks.train import launch
+
+    cfg = _cfg(mode="distill", data=str(prepared), output=str(tmp_path / "bf16"), teacher=str(teacher),
+               max_steps=3, precision="bf16")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA host trains on the GPU")
+    monkeypatch.setattr(launch, "cpu_has_native_bf16", lambda: False)
+    with pytest.raises(ConfigError, match="TrainConfig.precision: bf16 on this CPU would be emulated"):
+        train(cfg)
+    if not hf.cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16 (avx512_bf16 / amx_bf16)")
+    monkeypatch.undo()
+    seen: list[torch.dtype] = []
+    real_mm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda *a, **k: seen.append(a[1].dtype) or real_mm(*a, **k))
+    train(cfg)
+    assert torch.bfloat16 in seen  # the fused head's chunks ran their matrix products in bf16
+    losses = _losses(tmp_path / "bf16")
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    train(_cfg(mode="distill", data=str(prepared), output=str(tmp_path / "fp32"), teacher=str(teacher), max_steps=3))
+    fp32 = _losses(tmp_path / "fp32")
+    assert losses != fp32 and abs(losses[0] - fp32[0]) < 0.05 * abs(fp32[0])  # close, not identical
+
+
 def test_data_errors_are_clear(tmp_path, prepared):
     import shutil
 
