@@ -87,7 +87,6 @@ def pipeline_target_ids(tokenizer: Any, targets: Sequence[str]) -> np.ndarray:
     return np.array(ids)
 
 
-
 # encoder(input_ids, attention_mask, is_mask) -> (M, H) final hidden states at the masks; head: (M, H) -> (M, V)
 Encoder = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 Head = Callable[[torch.Tensor], torch.Tensor]
