@@ -99,8 +99,6 @@ def cpu_ratio(a: argparse.Namespace) -> None:
                       restrict_ce_to_mask=a.restrict_ce_to_mask)
     fused = DistillObjective(init_student_from_teacher(teacher, default_student_layers(a.layers)).train(), teacher,
                              cfg)
-    ref = DistillObjective(init_student_from_teacher(teacher, default_student_layers(a.layers)).train(), teacher,
-                           cfg)
     if a.cpu_bf16:  # --precision bf16 on the CPU against float32, for both kinds of step
         pre16 = PretrainObjective(copy.deepcopy(pre.model), 0.15)
         fused16 = DistillObjective(copy.deepcopy(fused.model), teacher, cfg)
@@ -108,6 +106,8 @@ def cpu_ratio(a: argparse.Namespace) -> None:
                  "distill (fused, chunked)": stepper(fused, fused, device),
                  "distill bf16": stepper(fused16, fused16, device, True)}
     else:
+        ref = DistillObjective(init_student_from_teacher(teacher, default_student_layers(a.layers)).train(), teacher,
+                               cfg)
         kinds = {"pretrain": stepper(pre, pre, device), "distill (reference loss)": stepper(
             ref, lambda b: reference_forward(ref, b), device), "distill (fused, chunked)": stepper(fused, fused, device)}
     g = torch.Generator().manual_seed(0)

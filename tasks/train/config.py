@@ -75,7 +75,7 @@ class TrainConfig(Config):
     seed: int = option(0, "seed of init, data order, masks, dropout")
     precision: Literal["auto", "bf16", "fp32"] = option(
         "auto", "auto: bf16 autocast on CUDA, fp32 on CPU; bf16: autocast also on a CPU with native bf16 "
-        "(AVX512-BF16/AMX; ~2x faster steps, not bit-identical to fp32)")
+        "(AVX512-BF16/AMX; ~1.7x faster steps, not bit-identical to fp32)")
     # -- run-time knobs: they never change the trained weights, so a --resume may change them
     compile: bool = option(False, "torch.compile the encoders", affects_output=False)
     log_every: int = option(10, "steps per metrics line", gt=0, affects_output=False)

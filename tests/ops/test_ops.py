@@ -45,13 +45,18 @@ def test_supervisor_reports_the_first_exit_and_stops_the_rest(tmp_path):
     assert sleeper.poll() is not None
 
 
-def test_stop_process_kills_the_whole_group(tmp_path):
-    # a parent that ignores SIGTERM and has a child: both must be gone afterwards
-    code = ("import signal, subprocess, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+def start_parent_with_child(parent_setup: str = "", child_popen_kwargs: str = "") -> tuple[subprocess.Popen, int]:
+    """A sleeping parent in a session of its own with one sleeping child; returns (parent, child pid)."""
+    code = (f"import signal, subprocess, sys, time; {parent_setup}"
+            f"p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']{child_popen_kwargs}); "
             "print(p.pid, flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    child = int(proc.stdout.readline())
+    return proc, int(proc.stdout.readline())
+
+
+def test_stop_process_kills_the_whole_group(tmp_path):
+    # a parent that ignores SIGTERM and has a child: both must be gone afterwards
+    proc, child = start_parent_with_child(parent_setup="signal.signal(signal.SIGTERM, signal.SIG_IGN); ")
     stop_process(proc, timeout=1)
     assert proc.poll() is not None
     with pytest.raises(ProcessLookupError):
@@ -62,11 +67,7 @@ def test_stop_process_kills_the_whole_group(tmp_path):
 
 def test_stop_process_stops_descendants_in_their_own_session(tmp_path):
     # Prefect's process worker starts each flow run with start_new_session=True: a group-wide signal misses it
-    code = ("import subprocess, sys, time; "
-            "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True); "
-            "print(p.pid, flush=True); time.sleep(60)")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, start_new_session=True)
-    child = int(proc.stdout.readline())
+    proc, child = start_parent_with_child(child_popen_kwargs=", start_new_session=True")
     assert os.getpgid(child) != proc.pid  # really outside the group
     stop_process(proc, timeout=5)
     assert proc.poll() is not None
