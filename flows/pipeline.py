@@ -122,7 +122,7 @@ def pipeline_flow(cfg: PipelineConfig) -> dict[str, Any]:
             write_replication, out, eval_out, teacher, student, cfg.glue_dir, preset=cfg.preset,
             speed_batch=cfg.p("speed_batch"), speed_rows=cfg.p("speed_rows", 872), command=plan.command_line(cfg),
             stage_seconds={k: r["seconds"] for k, r in stages.items()}, estimate=cfg.p("estimate_seconds"),
-            after=(stages["evaluate"],), log=log)
+            precision=cfg.precision, after=(stages["evaluate"],), log=log)
 
     total = time.perf_counter() - t_start
     report = pipeline_report(cfg.preset, corpus.name, stages, out, total)

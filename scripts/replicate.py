@@ -2,6 +2,7 @@
 
     python scripts/replicate.py --output runs/replicate          # the run of record (~2 h; resumable)
     python scripts/replicate.py --output /tmp/rep --tiny         # the same recipe at toy sizes (minutes)
+    python scripts/replicate.py --output runs/r --precision bf16 # bf16 autocast (CPUs with AVX512-BF16/AMX)
 
 Runs ``distilflow pipeline --preset replicate`` on Gutenberg (all books but one) + TinyShakespeare with the
 held-out book for evaluation and the shared GLUE files, then copies ``OUT/replication.md`` and
@@ -21,12 +22,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def pipeline_argv(output: str, shared: str, tiny: bool, workers: int) -> list[str]:
+def pipeline_argv(output: str, shared: str, tiny: bool, workers: int, precision: str = "auto") -> list[str]:
     from distilflow.tasks.pipeline.replicate import replicate_inputs
 
     train, held = replicate_inputs(shared)
     return ["pipeline", "--preset", "replicate-tiny" if tiny else "replicate", "--input", *train, "--heldout", *held,
-            "--glue-dir", str(Path(shared) / "glue"), "--output", output, "--workers", str(workers)]
+            "--glue-dir", str(Path(shared) / "glue"), "--output", output, "--workers", str(workers),
+            *(["--precision", precision] if precision != "auto" else [])]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,11 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", default=None, help="where replication.md/.json are copied (default: docs/, or "
                     "nowhere with --tiny)")
     ap.add_argument("--workers", type=int, default=1, help="worker processes of the data stages")
+    ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                    help="auto: float32 on a CPU (the runs of record before 2026-12-07); bf16: autocast for training "
+                    "and fine-tuning where the CPU computes bf16 natively (AVX512-BF16/AMX), refused elsewhere")
     args = ap.parse_args(argv)
 
     from distilflow.cli import main as cli
 
-    rc = cli(pipeline_argv(args.output, args.shared, args.tiny, args.workers))
+    rc = cli(pipeline_argv(args.output, args.shared, args.tiny, args.workers, args.precision))
     if rc:
         return rc
     docs = args.docs if args.docs is not None else (None if args.tiny else str(REPO / "docs"))

@@ -42,7 +42,7 @@ def option(default: Any = _MISSING, help: str = "", *, flag: str | None = None,
            gt: float | None = None, le: float | None = None, lt: float | None = None, metavar: str | None = None,
            sep: str | None = None, nargs: str | None = None, cli: bool = True, positional: bool = False,
            affects_output: bool = True, factory: Callable[[], Any] | None = None, const: Any = None,
-           repeat: bool = False) -> Any:
+           repeat: bool = False, omit_default: bool = False) -> Any:
     """One option: ``lr: float = option(1e-4, "peak learning rate", gt=0)``.
 
     ``flag``: the command-line name (default ``--field-name``); ``aliases``: older names that still work;
@@ -53,11 +53,13 @@ def option(default: Any = _MISSING, help: str = "", *, flag: str | None = None,
     ``const``: the value of a flag given without one (``--deploy`` alone = ``--deploy prefect.yaml``).
     ``repeat=True``: a list given by repeating the flag (``--bias-template A --bias-template B``); given
     once it replaces the default, not given the default stays.
+    ``omit_default=True``: an option added after outputs were made with its class; left out of
+    :meth:`Config.to_dict` (saved configs, fingerprints) while it has its default, so those outputs stay valid.
     """
     meta = {"help": help, "flag": flag, "aliases": tuple(aliases), "false_flags": tuple(false_flags),
             "ge": ge, "gt": gt, "le": le, "lt": lt, "metavar": metavar, "sep": sep, "nargs": nargs,
             "cli": cli, "positional": positional, "affects_output": affects_output, "const": const,
-            "repeat": repeat}
+            "repeat": repeat, "omit_default": omit_default}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -90,7 +92,8 @@ class Config:
 
     # -- (de)serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)
+                if not (f.metadata.get("omit_default") and getattr(self, f.name) == f.default)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:

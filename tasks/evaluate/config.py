@@ -49,7 +49,8 @@ class FinetuneConfig(Config):
     eval_batch_size: int = option(128, "examples per evaluation batch", gt=0)
     max_steps: int = option(0, "cap on optimizer steps (0 = epochs decide)", ge=0)
     device: str = option("auto", "auto (CUDA if available) | cpu | cuda | cuda:N")
-    bf16: bool = option(True, "bf16 autocast on CUDA; ignored on CPU")
+    bf16: bool = option(True, "bf16 autocast on CUDA")
+    cpu_bf16: bool = option(False, "bf16 autocast on the CPU (only where it computes bf16 natively)", omit_default=True)
     # SQuAD only (BERT's run_squad defaults)
     doc_stride: int = option(128, "overlap between context windows", gt=0)
     max_query_len: int = option(64, "question tokens kept", gt=0)
@@ -120,6 +121,9 @@ class EvaluateConfig(Config):
     # -- device and run-time knobs
     device: str = option("auto", "auto (CUDA if available), cpu, cuda or cuda:N; bf16 autocast on CUDA")
     bf16: bool = option(True, "bf16 autocast on CUDA (--no-bf16: full fp32 on CUDA too)")
+    cpu_bf16: bool = option(False, "bf16 autocast for fine-tuning on the CPU too, where the CPU computes bf16 natively "
+                            "(AVX512-BF16/AMX; refused elsewhere, where emulated bf16 is slower than fp32); without "
+                            "it CPU runs are float32 and bit-identical", omit_default=True)
     threads: int = option(0, "torch CPU threads per benchmark (0 = torch default)", ge=0, affects_output=False)
     workers: int = option(1, "benchmarks run at once (1: one after the other, right for a single GPU)", ge=1,
                           affects_output=False)
@@ -222,7 +226,7 @@ def glue_finetune(cfg: EvaluateConfig) -> FinetuneConfig:
     """The GLUE fine-tuning hyper-parameters of ``cfg`` (every GLUE option of the command lands here)."""
     return FinetuneConfig(learning_rate=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
                           max_seq_len=cfg.max_seq_len, warmup_ratio=cfg.warmup_ratio, max_steps=cfg.max_steps,
-                          device=cfg.device, bf16=cfg.bf16)
+                          device=cfg.device, bf16=cfg.bf16, cpu_bf16=cfg.cpu_bf16)
 
 
 def squad_finetune(cfg: EvaluateConfig) -> FinetuneConfig:
@@ -230,7 +234,8 @@ def squad_finetune(cfg: EvaluateConfig) -> FinetuneConfig:
     return FinetuneConfig(learning_rate=cfg.squad_lr, batch_size=cfg.squad_batch_size, epochs=cfg.squad_epochs,
                           max_seq_len=cfg.squad_max_seq_len, doc_stride=cfg.doc_stride,
                           max_answer_length=cfg.max_answer_length, n_best=cfg.n_best, eval_batch_size=64,
-                          warmup_ratio=cfg.warmup_ratio, max_steps=cfg.max_steps, device=cfg.device, bf16=cfg.bf16)
+                          warmup_ratio=cfg.warmup_ratio, max_steps=cfg.max_steps, device=cfg.device, bf16=cfg.bf16,
+                          cpu_bf16=cfg.cpu_bf16)
 
 
 def finetune_for(cfg: EvaluateConfig, task: str) -> FinetuneConfig:

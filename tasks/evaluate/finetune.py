@@ -5,7 +5,8 @@ local model folder (a new head is initialised from ``seed``), train with AdamW a
 warm-up/decay schedule, evaluate with the task's official metric, and ``save_pretrained`` the model
 and tokenizer (safetensors) so the folder loads in the ``text-classification`` /
 ``question-answering`` pipelines. Runs on CPU or CUDA; on CUDA the forward pass uses bf16 autocast
-(weights and optimizer state stay fp32).
+(weights and optimizer state stay fp32), on the CPU only when asked (``cpu_bf16``) and where the CPU computes
+bf16 natively.
 
 The loop is deliberately plain (nanoGPT style): batches of pre-tokenised tensors, one optimizer,
 one scheduler, gradient clipping -- no Trainer, so every hyper-parameter is visible in the config
@@ -26,10 +27,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distilflow.tasks.core.errors import InputError
+from distilflow.tasks.core.errors import ConfigError, InputError
 from distilflow.tasks.core.hf import (
     build_model,
     check_model_folder,
+    cpu_has_native_bf16,
     load_pretrained,
     local_model,
     resolve_device,
@@ -57,9 +59,16 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds CUDA
 
 
-def autocast(device: torch.device, bf16: bool):
+def autocast(device: torch.device, bf16: bool, cpu_bf16: bool = False):
+    """bf16 autocast on CUDA (``bf16``), on the CPU only with ``cpu_bf16`` (refused where the CPU would emulate
+    bf16: slower than float32); float32 otherwise, so CPU runs stay bit-identical by default."""
     if device.type == "cuda" and bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and cpu_bf16:
+        if not cpu_has_native_bf16():
+            raise ConfigError("FinetuneConfig.cpu_bf16: bf16 on this CPU would be emulated (no avx512_bf16/amx_bf16 "
+                              "in /proc/cpuinfo), slower than fp32; leave out --cpu-bf16 on this machine")
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 
 
@@ -146,7 +155,7 @@ def train_loop(model: torch.nn.Module, make_batch, n_examples: int, cfg: Finetun
                 if step >= total:
                     break
                 batch = {k: v.to(device) for k, v in make_batch(order[b:b + cfg.batch_size]).items()}
-                with autocast(device, cfg.bf16):
+                with autocast(device, cfg.bf16, cfg.cpu_bf16):
                     loss = loss_fn(model, batch) if loss_fn else model(**batch).loss
                 loss.backward()
                 if cfg.max_grad_norm:
@@ -238,7 +247,7 @@ def _glue_teacher_logits(teacher: str, tokenizer: Any, t: glue_mod.GlueTask, enc
     with torch.no_grad():
         for b in range(0, len(enc), cfg.eval_batch_size):
             batch = {k: v.to(device) for k, v in collate(enc[b:b + cfg.eval_batch_size]).items()}
-            with autocast(device, cfg.bf16):
+            with autocast(device, cfg.bf16, cfg.cpu_bf16):
                 outs.append(model(**batch).logits.float().cpu())
     return torch.cat(outs)
 
@@ -306,7 +315,7 @@ def finetune_glue(model_path: str, task: str, train: list[glue_mod.Example], hel
     with torch.no_grad():
         for b in range(0, len(enc_eval), cfg.eval_batch_size):
             batch = {k: v.to(device) for k, v in collate(enc_eval[b:b + cfg.eval_batch_size]).items()}
-            with autocast(device, cfg.bf16):
+            with autocast(device, cfg.bf16, cfg.cpu_bf16):
                 outs.append(model(**batch).logits.float().cpu())
     logits = torch.cat(outs).numpy()
     preds = logits[:, 0] if t.is_regression else logits.argmax(-1)
@@ -396,7 +405,7 @@ def _qa_logits(model: torch.nn.Module, feats: squad_mod.Features, cfg: FinetuneC
     with torch.no_grad():
         for b in range(0, len(feats), cfg.eval_batch_size):
             batch = {k: v.to(device) for k, v in _qa_inputs(feats, slice(b, b + cfg.eval_batch_size), accepted).items()}
-            with autocast(device, cfg.bf16):
+            with autocast(device, cfg.bf16, cfg.cpu_bf16):
                 out = model(**batch)
             starts.append(out.start_logits.float().cpu())
             ends.append(out.end_logits.float().cpu())

@@ -82,11 +82,13 @@ def train_settings(cfg: PipelineConfig, heldout: str, mode: str) -> dict[str, An
     """TrainConfig fields of the pretrain / distill stage (``mode``), from the preset.
 
     ``resume``: a pipeline killed during training continues from the last checkpoint (every 10% of the steps).
+    ``precision`` only when it is not ``auto``, so the stage records of earlier runs stay valid.
     """
     steps = cfg.p("pretrain_steps" if mode == "pretrain" else "distill_steps")
     return {"batch_size": cfg.p("batch_size"), "seed": cfg.seed, "eval_data": heldout,
             "eval_sequences": cfg.p("eval_sequences"), "log_every": 20, "resume": True, "max_steps": steps,
-            "lr": cfg.p("pretrain_lr" if mode == "pretrain" else "distill_lr"), "save_every": max(1, steps // 10)}
+            "lr": cfg.p("pretrain_lr" if mode == "pretrain" else "distill_lr"), "save_every": max(1, steps // 10),
+            **({"precision": cfg.precision} if cfg.precision != "auto" else {})}
 
 
 def eval_tasks(cfg: PipelineConfig) -> list[str]:
@@ -106,6 +108,8 @@ def eval_settings(cfg: PipelineConfig) -> dict[str, Any]:
         out["task_distill"] = True
     if cfg.p("scratch_baselines") and cfg.glue_dir:
         out["scratch_baselines"] = True
+    if cfg.precision != "auto":  # bf16: also on a CPU that computes it natively; fp32: on CUDA too
+        out["cpu_bf16" if cfg.precision == "bf16" else "bf16"] = cfg.precision == "bf16"
     return {**out, **(cfg.p("finetune") or {})}
 
 

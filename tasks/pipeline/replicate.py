@@ -46,7 +46,7 @@ MODELS = {"teacher": ("-teacher", "teacher"), "student": ("", "student"),
           "student_task_distilled": ("-distilled", "student")}
 
 
-def recipe(preset: str) -> dict[str, Any]:
+def recipe(preset: str, precision: str = "auto") -> dict[str, Any]:
     """What the preset trains, in words and numbers (the report's "Recipe" section)."""
     from distilflow.tasks.pipeline.config import PRESETS, TEACHERS
 
@@ -65,6 +65,9 @@ def recipe(preset: str) -> dict[str, Any]:
         "fine-tuning": f"SST-2 (6,920 train / 872 dev) and MRPC (3,668 train / 408 dev), {p.get('eval_seeds', 1)} "
                        f"seeds, median; " + ", ".join(f"{k} {v}" for k, v in (p.get("finetune") or {}).items())
                        + "; the same for every model; task distillation at T=2, alpha=0.5",
+        "precision": "float32 (on a CPU; bf16 autocast on CUDA)" if precision == "auto" else
+                     "bf16 autocast for training and fine-tuning (a CPU that computes bf16 natively)" if precision == "bf16"
+                     else "float32 everywhere",
         **({"budget": "fine-tuning (30 runs: 5 models x 2 tasks x 3 seeds, ~55 min) and pretraining (5,000 steps, "
                       "~38 min: 2.5x the first run of record, whose teacher was under-trained) take most of it; 2 "
                       "epochs of fine-tuning instead of BERT's 3 keep the estimate under 2 h; the vocabulary of 8k "
@@ -189,7 +192,7 @@ def _points(a: float | None, b: float | None) -> float | None:
 
 def write_replication(output: str, eval_dir: str, teacher: str, student: str, glue_dir: str, *, preset: str,
                       speed_batch: int, speed_rows: int, command: str, stage_seconds: dict[str, float],
-                      estimate: dict[str, float] | None = None) -> dict[str, Any]:
+                      estimate: dict[str, float] | None = None, precision: str = "auto") -> dict[str, Any]:
     """The pipeline's replication stage: ``OUT/replication.json`` and ``OUT/replication.md``.
 
     Speed is measured on the SST-2 classifiers of the first seed (teacher and plain student: the same head
@@ -209,7 +212,8 @@ def write_replication(output: str, eval_dir: str, teacher: str, student: str, gl
     import torch
 
     script = SCRIPT if preset == "replicate" else f"python scripts/replicate.py --output {output} --tiny"
-    doc = {"status": "run", "preset": preset, "command": command, "script": script, "recipe": recipe(preset),
+    script += f" --precision {precision}" if precision != "auto" else ""
+    doc = {"status": "run", "preset": preset, "command": command, "script": script, "recipe": recipe(preset, precision),
            **summary,
            "speed": {"batch_size": speed_batch, "rows": len(texts), "threads": torch.get_num_threads(), "max_len": max_len,
                      "inputs": "SST-2 dev sentences, each model's SST-2 classifier (seed 1 of 3)"},

@@ -60,6 +60,7 @@ NON_DEFAULT: dict[str, tuple[list[str], object]] = {
     "bias_top_k": (["--bias-top-k", "3"], 3),
     "device": (["--device", "cpu"], "cpu"),
     "bf16": (["--no-bf16"], False),
+    "cpu_bf16": (["--cpu-bf16"], True),
     "threads": (["--threads", "2"], 2),
     "workers": (["--workers", "2"], 2),
     "overwrite": (["--overwrite"], True),
@@ -72,11 +73,12 @@ NON_DEFAULT: dict[str, tuple[list[str], object]] = {
 
 # where each option must show up in the settings the benchmarks are built from
 IN_GLUE = {"epochs": "epochs", "lr": "learning_rate", "batch_size": "batch_size", "max_seq_len": "max_seq_len",
-           "warmup_ratio": "warmup_ratio", "max_steps": "max_steps", "device": "device", "bf16": "bf16"}
+           "warmup_ratio": "warmup_ratio", "max_steps": "max_steps", "device": "device", "bf16": "bf16",
+           "cpu_bf16": "cpu_bf16"}
 IN_SQUAD = {"squad_epochs": "epochs", "squad_lr": "learning_rate", "squad_batch_size": "batch_size",
             "squad_max_seq_len": "max_seq_len", "doc_stride": "doc_stride", "max_answer_length": "max_answer_length",
             "n_best": "n_best", "warmup_ratio": "warmup_ratio", "max_steps": "max_steps", "device": "device",
-            "bf16": "bf16"}
+            "bf16": "bf16", "cpu_bf16": "cpu_bf16"}
 
 
 def _parse(argv: list[str]) -> EvaluateConfig:

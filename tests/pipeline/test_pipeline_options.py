@@ -31,6 +31,7 @@ NON_DEFAULT: dict[str, tuple[list[str], object]] = {
     "squad_dev": (["--squad-dev", "/dev.json"], "/dev.json"),
     "workers": (["--workers", "2"], 2),
     "seed": (["--seed", "3"], 3),
+    "precision": (["--precision", "bf16"], "bf16"),
 }
 
 
@@ -87,6 +88,19 @@ def test_options_reach_the_stage_settings(tmp_path):
     assert plan.eval_tasks(cfg) == ["mlm", "bias"]
     both = cfg.replace(glue_dir="/g", glue_tasks=("sst2",), squad_dev="/s.json")
     assert plan.eval_tasks(both) == ["mlm", "bias", "sst2", "squad"]
+
+
+def test_precision_reaches_training_and_fine_tuning_and_auto_changes_no_record():
+    """--precision bf16/fp32 reach the training and evaluate stages; auto (the default) adds nothing to them or to
+    the saved pipeline config, so the stage records of earlier runs stay valid."""
+    cfg = PipelineConfig(output="o", preset="replicate", glue_dir="/g")
+    assert "precision" not in cfg.to_dict() and "precision" not in plan.train_settings(cfg, "/h", "pretrain")
+    assert not {"cpu_bf16", "bf16"} & set(plan.eval_settings(cfg))
+    bf16 = cfg.replace(precision="bf16")
+    assert bf16.to_dict()["precision"] == "bf16" and "--precision bf16" in plan.command_line(bf16)
+    assert plan.train_settings(bf16, "/h", "distill")["precision"] == "bf16"
+    assert plan.eval_settings(bf16)["cpu_bf16"] is True
+    assert plan.eval_settings(cfg.replace(precision="fp32"))["bf16"] is False
 
 
 def test_corpus_split_and_preflight(tmp_path):
