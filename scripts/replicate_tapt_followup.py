@@ -41,7 +41,8 @@ def continue_pretraining(teacher: str, sentences: list[str], out: str, steps: in
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (steps - s) / (steps - warm)))
     enc = [tok(s, truncation=True, max_length=128)["input_ids"] for s in sentences]
-    t0, step, order = time.time(), 0, []
+    t0, step = time.time(), 0
+    order: list[int] = []
     while step < steps:
         if len(order) < 32:  # a fresh permutation appended when fewer than a batch is left
             order += random.sample(range(len(enc)), len(enc))
