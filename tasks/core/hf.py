@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from distilflow.tasks.core.errors import InputError
+from distilflow.tasks.core.errors import ConfigError, InputError
 
 if TYPE_CHECKING:
     import torch  # imported where a device is resolved: the folder checks run in processes without torch
@@ -37,6 +37,14 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return re.search(r"\b(avx512_bf16|amx_bf16)\b", flags) is not None
+
+
+def require_native_bf16(field: str, fix: str) -> None:
+    """Refuse bf16 autocast on a CPU that would emulate it (slower than float32): one line naming ``field``
+    (``Class.field``) and the ``fix``."""
+    if not cpu_has_native_bf16():
+        raise ConfigError(f"{field}: bf16 on this CPU would be emulated (no avx512_bf16/amx_bf16 in /proc/cpuinfo), "
+                          f"slower than fp32; {fix}")
 
 
 def check_model_folder(path: str) -> None:

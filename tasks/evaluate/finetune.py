@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from distilflow.tasks.core.errors import ConfigError, InputError
+from distilflow.tasks.core.errors import InputError
 from distilflow.tasks.core.hf import (
     build_model,
     check_model_folder,
-    cpu_has_native_bf16,
     load_pretrained,
     local_model,
+    require_native_bf16,
     resolve_device,
 )
 from distilflow.tasks.core.io import join, write_json
@@ -65,9 +65,7 @@ def autocast(device: torch.device, bf16: bool, cpu_bf16: bool = False):
     if device.type == "cuda" and bf16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     if device.type == "cpu" and cpu_bf16:
-        if not cpu_has_native_bf16():
-            raise ConfigError("FinetuneConfig.cpu_bf16: bf16 on this CPU would be emulated (no avx512_bf16/amx_bf16 "
-                              "in /proc/cpuinfo), slower than fp32; leave out --cpu-bf16 on this machine")
+        require_native_bf16("FinetuneConfig.cpu_bf16", "leave out --cpu-bf16 on this machine")
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 

@@ -108,8 +108,10 @@ def eval_settings(cfg: PipelineConfig) -> dict[str, Any]:
         out["task_distill"] = True
     if cfg.p("scratch_baselines") and cfg.glue_dir:
         out["scratch_baselines"] = True
-    if cfg.precision != "auto":  # bf16: also on a CPU that computes it natively; fp32: on CUDA too
-        out["cpu_bf16" if cfg.precision == "bf16" else "bf16"] = cfg.precision == "bf16"
+    if cfg.precision == "bf16":  # also on a CPU that computes it natively
+        out["cpu_bf16"] = True
+    elif cfg.precision == "fp32":  # on CUDA too
+        out["bf16"] = False
     return {**out, **(cfg.p("finetune") or {})}
 
 

@@ -46,6 +46,10 @@ MODELS = {"teacher": ("-teacher", "teacher"), "student": ("", "student"),
           "student_task_distilled": ("-distilled", "student")}
 
 
+PRECISION_TEXT = {"auto": "float32 (on a CPU; bf16 autocast on CUDA)", "fp32": "float32 everywhere",
+                  "bf16": "bf16 autocast for training and fine-tuning (a CPU that computes bf16 natively)"}
+
+
 def recipe(preset: str, precision: str = "auto") -> dict[str, Any]:
     """What the preset trains, in words and numbers (the report's "Recipe" section)."""
     from distilflow.tasks.pipeline.config import PRESETS, TEACHERS
@@ -65,9 +69,7 @@ def recipe(preset: str, precision: str = "auto") -> dict[str, Any]:
         "fine-tuning": f"SST-2 (6,920 train / 872 dev) and MRPC (3,668 train / 408 dev), {p.get('eval_seeds', 1)} "
                        f"seeds, median; " + ", ".join(f"{k} {v}" for k, v in (p.get("finetune") or {}).items())
                        + "; the same for every model; task distillation at T=2, alpha=0.5",
-        "precision": "float32 (on a CPU; bf16 autocast on CUDA)" if precision == "auto" else
-                     "bf16 autocast for training and fine-tuning (a CPU that computes bf16 natively)" if precision == "bf16"
-                     else "float32 everywhere",
+        "precision": PRECISION_TEXT[precision],
         **({"budget": "fine-tuning (30 runs: 5 models x 2 tasks x 3 seeds) is the largest stage (~94 min in float32 "
                       "on 2 cores, ~65 min with bf16), then pretraining (5,000 steps: ~38 min in float32, ~31 min "
                       "with bf16); 2 epochs of fine-tuning instead of BERT's 3; the vocabulary of 8k keeps the "

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from distilflow.tasks.core import procs
 from distilflow.tasks.core.errors import ConfigError
-from distilflow.tasks.core.hf import cpu_has_native_bf16
+from distilflow.tasks.core.hf import require_native_bf16
 from distilflow.tasks.train.config import DISTILL, PRETRAIN, TrainConfig
 
 MODULE = "distilflow.tasks.train"  # python -m MODULE: the entry torchrun starts
@@ -82,9 +82,7 @@ def autocast_for(cfg: TrainConfig, device: torch.device) -> Callable[[], context
     if cuda and cfg.precision in ("auto", "bf16"):
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     if cfg.precision == "bf16":
-        if not cpu_has_native_bf16():
-            raise ConfigError("TrainConfig.precision: bf16 on this CPU would be emulated (no avx512_bf16/amx_bf16 "
-                              "in /proc/cpuinfo), slower than fp32; use auto or fp32 on this machine")
+        require_native_bf16("TrainConfig.precision", "use auto or fp32 on this machine")
         return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext
 

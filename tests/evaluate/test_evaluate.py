@@ -151,19 +151,18 @@ def test_cpu_bf16_finetuning_where_native_else_refused(models, monkeypatch):
     (and so of the fingerprints of runs made before it existed) while off."""
     from distilflow.tasks.core import hf
     from distilflow.tasks.core.errors import ConfigError
-    from distilflow.tasks.evaluate import finetune as ft_mod
 
     assert "cpu_bf16" not in FinetuneConfig().to_dict()
     assert FinetuneConfig(cpu_bf16=True).to_dict()["cpu_bf16"] is True
     t = read_glue_file(str(GLUE / "sst2" / "stsa.binary.train"), "sst2").examples[:16]
     d = read_glue_file(str(GLUE / "sst2" / "stsa.binary.dev"), "sst2").examples[:8]
     bf16 = FinetuneConfig(batch_size=8, max_steps=2, device="cpu", cpu_bf16=True)
-    monkeypatch.setattr(ft_mod, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(hf, "cpu_has_native_bf16", lambda: False)
     with pytest.raises(ConfigError, match="FinetuneConfig.cpu_bf16: bf16 on this CPU would be emulated"):
         finetune_glue(models["student"], "sst2", t, d, bf16, seed=0)
+    monkeypatch.undo()
     if not hf.cpu_has_native_bf16():
         pytest.skip("this CPU has no native bf16 (avx512_bf16 / amx_bf16)")
-    monkeypatch.undo()
     seen: list[torch.dtype] = []
     real_linear = torch.nn.functional.linear
     monkeypatch.setattr(torch.nn.functional, "linear",

@@ -277,18 +277,17 @@ def test_cpu_bf16_distill_where_native_else_refused(tmp_path, prepared, teacher,
     the CPU computes bf16 natively; refused, naming the field, where torch would emulate it."""
     from distilflow.tasks.core import hf
     from distilflow.tasks.core.errors import ConfigError
-    from distilflow.tasks.train import launch
 
     cfg = _cfg(mode="distill", data=str(prepared), output=str(tmp_path / "bf16"), teacher=str(teacher),
                max_steps=3, precision="bf16")
     if torch.cuda.is_available():
         pytest.skip("a CUDA host trains on the GPU")
-    monkeypatch.setattr(launch, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(hf, "cpu_has_native_bf16", lambda: False)
     with pytest.raises(ConfigError, match="TrainConfig.precision: bf16 on this CPU would be emulated"):
         train(cfg)
+    monkeypatch.undo()
     if not hf.cpu_has_native_bf16():
         pytest.skip("this CPU has no native bf16 (avx512_bf16 / amx_bf16)")
-    monkeypatch.undo()
     seen: list[torch.dtype] = []
     real_mm = torch.addmm
     monkeypatch.setattr(torch, "addmm", lambda *a, **k: seen.append(a[1].dtype) or real_mm(*a, **k))
