@@ -136,6 +136,8 @@ def cpu_ratio(a: argparse.Namespace) -> None:
     if a.cpu_bf16:
         for fp32, bf16 in (("pretrain", "pretrain bf16"), ("distill (fused, chunked)", "distill bf16")):
             print(f"{bf16}: {statistics.median(times[fp32]) / statistics.median(times[bf16]):.2f}x faster than float32")
+        ratio = statistics.median(times["distill bf16"]) / statistics.median(times["pretrain bf16"])
+        print(f"distill bf16 / pretrain bf16 (both under --precision bf16): {ratio:.2f}x")
 
 
 class PeakRSS:

@@ -107,13 +107,21 @@ class HeadLosses:
     correct: torch.Tensor  # masked rows whose argmax is the label (no gradient)
 
 
+CHUNK = 512  # rows whose [c, V] logits exist at a time (3 buffers: 190 MB in fp32 at V = 30,522)
+L2_ROWS = 8  # rows the element-wise steps take at a time on a CPU (8 x 30,522 x 4 B = 1 MB: in L2)
+
+
 class _FusedHeadLosses(torch.autograd.Function):
     """``logits = z @ W.T + b`` for student and teacher and ``a_ce * KL + a_mlm * CE`` on them, in row chunks.
 
     The gradient with respect to ``z``, ``W`` and ``b`` is accumulated chunk by chunk during the forward
-    pass (three matmuls per chunk, ``W``'s gradient summed in place), so no ``[N, V]`` tensor outlives its
+    pass (four matmuls per chunk, ``W``'s gradient summed in place), so no ``[N, V]`` tensor outlives its
     chunk and the backward pass only scales the stored ``[N, H]`` / ``[V, H]`` / ``[V]`` gradients. Same
-    matmul FLOPs as autograd through full logits, a fraction of the memory traffic. With s, t the logits:
+    matmul FLOPs as autograd through full logits, a fraction of the memory traffic: the ``[c, V]`` buffers
+    are reused by every chunk, the biases are added in fp32 after the matmuls, and on a CPU the element-wise
+    work (both log-softmaxes, the KL, ``q - p``) goes ``L2_ROWS`` rows at a time, so that each op reads rows
+    already in the core's L2 cache instead of streaming the whole chunk through memory once per op (at
+    V = 30,522 that streaming took as long as the matmuls). With s, t the logits:
 
         d(a_ce T^2 KL / N)/ds = a_ce T / N (softmax(s/T) - softmax(t/T));  d(a_mlm CE / M)/ds = a_mlm / M (softmax(s) - onehot(y))
     """
@@ -122,11 +130,12 @@ class _FusedHeadLosses(torch.autograd.Function):
     def forward(ctx: Any, z: torch.Tensor, w: torch.Tensor, b: torch.Tensor, zt: torch.Tensor,
                 wt: torch.Tensor, bt: torch.Tensor, labels: torch.Tensor, temperature: float, alpha_ce: float,
                 alpha_mlm: float, chunk: int) -> tuple[torch.Tensor, ...]:
-        n, T, dev, f32 = z.shape[0], temperature, z.device, torch.float32
+        n, v, T, dev, f32 = z.shape[0], w.shape[0], temperature, z.device, torch.float32
         masked = labels != IGNORE_INDEX  # [N]
         m = int(masked.sum())
         mm = _matmul_dtype(z)  # bf16 under autocast, as the nn.Linear it replaces would run
-        wc, wtc, bc, btc = w.to(mm), wt.to(mm), b.to(mm), bt.to(mm)  # [V, H], [V]
+        wc, wtc = w.to(mm), wt.to(mm)  # [V, H]
+        b32, b_T, bt_T = b.float(), b.float() / T, bt.float() / T  # [V]: biases added in fp32 after the matmuls
         # the KL gradient's scale goes into the matmuls' alpha; the MLM rows are added to it relative to it
         k_scale = alpha_ce * T / n if n else 0.0
         out_scale = k_scale or 1.0
@@ -134,37 +143,46 @@ class _FusedHeadLosses(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.long, device=dev)
         gz = torch.zeros(z.shape, dtype=f32, device=dev)  # [N, H]
         gw = torch.zeros(w.shape, dtype=f32, device=dev)  # [V, H]
-        gb = torch.zeros(b.shape, dtype=f32, device=dev)  # [V]
+        c0 = min(chunk, n)
+        rb = L2_ROWS if dev.type == "cpu" else c0  # rows per element-wise step (a GPU takes the whole chunk)
+        g_rows = torch.zeros(rb, v, dtype=f32, device=dev)  # [r, V] q - p summed over the blocks: b's gradient
+        gb_mlm = torch.zeros(v, dtype=f32, device=dev)  # [V] the MLM rows' part of b's gradient
+        # [c, V] logits of both models and q - p, in the matmuls' dtype, reused by every chunk (fresh ones
+        # would be page-faulted in for each)
+        s_buf, t_buf, g_buf = (torch.empty(c0, v, dtype=mm, device=dev) for _ in range(3))
         for i in range(0, n, chunk):
             zc = z[i: i + chunk].to(mm)  # [c, H]
-            mc = masked[i: i + chunk]
-            rows = torch.nonzero(mc).squeeze(1) if m else mc[:0].long()  # [k] masked rows of the chunk
-            # logits / T straight from the matmul (alpha, beta): [c, V] each, log-softmax in fp32
-            s = torch.addmm(bc, zc, wc.t(), beta=1 / T, alpha=1 / T).float()
-            sm = s[rows].mul_(T)  # [k, V] the masked rows' logits at T = 1
-            ls = F.log_softmax(s, dim=-1)
-            del s
-            lt = F.log_softmax(torch.addmm(btc, zt[i: i + chunk].to(mm), wtc.t(), beta=1 / T, alpha=1 / T).float(),
-                               dim=-1)
-            p = lt.exp()  # the teacher's soft targets
-            kl += torch.dot(p.view(-1), lt.sub_(ls).view(-1))  # sum p (log p - log q)
-            del lt
-            g = ls.exp_().sub_(p)  # [c, V] q - p, in ls's memory (d KL/ds up to k_scale)
-            del p
-            if not k_scale:
+            c = len(zc)
+            rows = torch.nonzero(masked[i: i + chunk]).squeeze(1) if m else masked[:0].long()  # [k] masked
+            s = torch.mm(zc, wc.t(), out=s_buf[:c])  # [c, V] z W^T, the logits before the bias
+            t = torch.mm(zt[i: i + chunk].to(mm), wtc.t(), out=t_buf[:c])
+            g = g_buf[:c]  # [c, V] q - p: d KL/d(logits / T) up to k_scale
+            for j in range(0, c, rb):  # element-wise, in fp32, rb rows at a time: logits / T = (z W^T + b) / T
+                r = min(rb, c - j)
+                ls = F.log_softmax(torch.add(b_T, s[j: j + r], alpha=1 / T), dim=-1)  # [r, V] log q
+                lt = F.log_softmax(torch.add(bt_T, t[j: j + r], alpha=1 / T), dim=-1)  # log p
+                p = lt.exp()  # the teacher's soft targets
+                kl += torch.dot(p.view(-1), lt.sub_(ls).view(-1))  # sum p (log p - log q)
+                if mm == f32:  # q - p straight into g
+                    q_p = torch.sub(ls.exp_(), p, out=g[j: j + r])
+                else:  # q - p in fp32 here (b's gradient is summed from it), cast into g
+                    q_p = ls.exp_().sub_(p)
+                    g[j: j + r].copy_(q_p)
+                g_rows[:r].add_(q_p)
+            if not k_scale:  # no KL term: only the MLM rows have a gradient
                 g.zero_()
             if len(rows):
                 y = labels[i: i + chunk][rows]  # [k]
-                lsm = F.log_softmax(sm, dim=-1)  # [k, V]
+                lsm = F.log_softmax(torch.add(b32, s[rows]), dim=-1)  # [k, V] the masked rows at T = 1
                 ce -= lsm.gather(1, y[:, None]).sum()
                 correct += (lsm.argmax(-1) == y).sum()
                 gm = lsm.exp_()
                 gm[torch.arange(len(y), device=dev), y] -= 1.0  # softmax - onehot
-                g.index_add_(0, rows, gm, alpha=alpha_mlm / m / out_scale)
-            gm_ = g.to(mm)
-            _add_matmul(gz[i: i + chunk], gm_, wc, out_scale)  # [c, H]
-            _add_matmul(gw, gm_.t(), zc, out_scale)  # [V, H], summed in place
-            gb.add_(g.sum(0), alpha=out_scale)  # [V]
+                gb_mlm.add_(gm.sum(0))
+                g.index_add_(0, rows, gm.to(mm), alpha=alpha_mlm / m / out_scale)
+            _add_matmul(gz[i: i + c], g, wc, out_scale)  # [c, H]
+            _add_matmul(gw, g.t(), zc, out_scale)  # [V, H], summed in place
+        gb = g_rows.sum(0).mul_(k_scale).add_(gb_mlm, alpha=alpha_mlm / m if m else 0.0)  # [V]
         ctx.save_for_backward(gz, gw, gb)
         ctx.dtypes = (z.dtype, w.dtype, b.dtype)
         kl = kl * (T * T / n) if n else kl
@@ -203,9 +221,9 @@ def fused_head_losses(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
     z, z_teacher: [N, H] the student's / teacher's MLM-head hidden states (after the transform) on the KL
     rows; weight, weight_teacher: [V, H] and bias, bias_teacher: [V] their vocabulary projections; labels:
-    [N] (-100 = not masked). ``chunk`` rows at a time (0: 256, about the size of ``W``'s gradient).
+    [N] (-100 = not masked). ``chunk`` rows at a time (0: ``CHUNK``).
     """
     out = _FusedHeadLosses.apply(z, weight, bias, z_teacher, weight_teacher, bias_teacher, labels, temperature,
-                                 alpha_ce, alpha_mlm, chunk or 256)
+                                 alpha_ce, alpha_mlm, chunk or CHUNK)
     loss, kl, mlm, correct = out
     return HeadLosses(loss, kl.detach(), mlm.detach(), correct)

@@ -289,8 +289,8 @@ def test_cpu_bf16_distill_where_native_else_refused(tmp_path, prepared, teacher,
     if not hf.cpu_has_native_bf16():
         pytest.skip("this CPU has no native bf16 (avx512_bf16 / amx_bf16)")
     seen: list[torch.dtype] = []
-    real_mm = torch.addmm
-    monkeypatch.setattr(torch, "addmm", lambda *a, **k: seen.append(a[1].dtype) or real_mm(*a, **k))
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: seen.append(a[0].dtype) or real_mm(*a, **k))
     train(cfg)
     assert torch.bfloat16 in seen  # the fused head's chunks ran their matrix products in bf16
     losses = _losses(tmp_path / "bf16")
