@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     configure(verbose=args.verbose)
     from distilflow.tasks.core.procs import SignalGuard
-    from distilflow.tasks.ops.prefect_api import start_temporary_server, wait_ready
+    from distilflow.tasks.ops.prefect_api import run_settings, start_temporary_server, wait_ready
 
     _SAID.clear()
     # SIGTERM/SIGINT stop every process this command started within seconds (tasks/core/procs.py)
@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                 if args.command not in NO_FLOW_RUN:
                     start_temporary_server()
                     wait_ready()
-                return int(args.func(args) or 0)
+                with run_settings():
+                    return int(args.func(args) or 0)
             cfg = args.spec.config_from(args)
             if args.command not in NO_FLOW_RUN:  # without PREFECT_API_URL: the temporary server boots while the
                 start_temporary_server()         # job imports Prefect and torch (tasks/ops/prefect_api.py)
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
             run = args.spec.runner()
             getattr(run, "preload", lambda cfg: None)(cfg)  # e.g. the model, also while the server boots
             wait_ready()
-            return int(run(cfg) or 0)
+            with run_settings():
+                return int(run(cfg) or 0)
         except UserError as e:
             print(f"distilflow {args.command}: error: {_one_line(e)}", file=sys.stderr)
             return 2

@@ -22,7 +22,13 @@ from distilflow.flows.common import config_flow, publish
 from distilflow.tasks.core.markdown import markdown_table
 from distilflow.tasks.core.stage import StageDir
 from distilflow.tasks.prepare import job
-from distilflow.tasks.prepare.config import MaskJobConfig, PairsJobConfig, PrepareConfig, ShardJobConfig
+from distilflow.tasks.prepare.config import (
+    MaskJobConfig,
+    PairsJobConfig,
+    PairsOptions,
+    PrepareConfig,
+    ShardJobConfig,
+)
 from distilflow.tasks.prepare.mask import mask_part
 from distilflow.tasks.prepare.pairs import pairs_part
 from distilflow.tasks.prepare.shard import shard_file
@@ -145,17 +151,28 @@ def mask_flow(cfg: MaskJobConfig) -> dict[str, Any]:
 
 
 # -- command line (``CommandSpec.run``): run the flow, print its one result line ------------------------------
-def _command(flow: Any, name: str) -> Any:
-    def run(cfg: Any) -> int:
+class _Command:
+    """``distilflow prepare|shard|pairs|mask``: run the flow, print its result line. ``preload`` (called by the
+    command line before it waits for a temporary Prefect server) loads the tokenizer meanwhile: importing
+    transformers for it is ~1 s of every prepare and pairs command."""
+
+    def __init__(self, flow: Any, name: str):
+        self.flow, self.name = flow, name
+
+    def __call__(self, cfg: Any) -> int:
         job.preflight(cfg)
-        print(job.result_line(name, flow(**cfg.to_dict()), cfg.output))
+        print(job.result_line(self.name, self.flow(**cfg.to_dict()), cfg.output))
         return 0
 
-    run.__name__ = f"run_{name}"
-    return run
+    def preload(self, cfg: Any) -> None:
+        job.preflight(cfg)
+        if isinstance(cfg, PairsOptions):
+            job.warm_tokenizer(cfg.tokenizer)
 
 
-run_prepare = _command(prepare_flow, "prepare")
-run_shard = _command(shard_flow, "shard")
-run_pairs = _command(pairs_flow, "pairs")
-run_mask = _command(mask_flow, "mask")
+run_prepare = _Command(prepare_flow, "prepare")
+run_shard = _Command(shard_flow, "shard")
+run_pairs = _Command(pairs_flow, "pairs")
+run_mask = _Command(mask_flow, "mask")
+
+

@@ -21,6 +21,7 @@ No Prefect import here: the point is to start before it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import signal
@@ -129,6 +130,18 @@ def wait_ready() -> None:
         return
     timeout = float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS") or 60)
     _SERVER.wait_ready(timeout)
+
+
+def run_settings() -> contextlib.AbstractContextManager[object]:
+    """Settings for this command's flow runs. Under our temporary server: no flow-run heartbeats. They exist so
+    that a server can tell a crashed run from a live one, and this server dies with the command; and at the
+    end of every flow run Prefect waits for its heartbeat thread, which sleeps in 1 s steps (0-1 s, twice for a
+    flow with a sub-flow). With a configured server they stay on."""
+    if _SERVER is None:
+        return contextlib.nullcontext()
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def _configured_elsewhere(started: bool) -> bool:

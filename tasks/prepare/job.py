@@ -7,11 +7,13 @@ what its report says -- is here, unit-tested without Prefect.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,9 +77,30 @@ def local_tokenizer(url: str) -> str:
     return remote.local_copy(url)
 
 
+_WARMING: threading.Thread | None = None
+
+
+def warm_tokenizer(src: str) -> None:
+    """Start loading ``src`` into the per-process tokenizer cache in a thread (~1 s, most of it importing
+    transformers), while the flow runs start and the shard stage works; :func:`save_tokenizer` waits for
+    it. Any error is left for the pairs stage to report, as it would be without this."""
+    global _WARMING
+    from distilflow.tasks.prepare.pairs import load_tokenizer
+
+    def load() -> None:
+        with contextlib.suppress(Exception):
+            load_tokenizer(local_tokenizer(src))
+
+    _WARMING = threading.Thread(target=load, name="warm-tokenizer", daemon=True)
+    _WARMING.start()
+
+
 def save_tokenizer(src: str, output: str) -> str:
     """Copy the tokenizer into ``DIR/tokenizer`` (what the training job loads). Returns its URL."""
     from distilflow.tasks.prepare.pairs import load_tokenizer, tokenizer_sha256
+
+    if _WARMING is not None:
+        _WARMING.join()
 
     dest = join(output, "tokenizer")
     src = local_tokenizer(src)  # an s3:// tokenizer folder is fetched to a local cache first

@@ -55,6 +55,22 @@ def test_in_process_callers_keep_their_settings_context(monkeypatch):
         assert prefect_api.start_temporary_server() is None
 
 
+def test_flow_runs_under_our_temporary_server_send_no_heartbeats(monkeypatch):
+    """Heartbeats tell a server that a run is alive; ours dies with the command, and Prefect waits up to 1 s
+    for the heartbeat thread at the end of every flow run. A configured server keeps them."""
+    from prefect.settings import get_current_settings
+
+    default = get_current_settings().flows.heartbeat_frequency
+    assert default is not None
+    monkeypatch.setattr(prefect_api, "_SERVER", None)  # a configured API (or Prefect's own server)
+    with prefect_api.run_settings():
+        assert get_current_settings().flows.heartbeat_frequency == default
+    monkeypatch.setattr(prefect_api, "_SERVER", prefect_api.TemporaryServer())  # ours
+    with prefect_api.run_settings():
+        assert get_current_settings().flows.heartbeat_frequency is None
+    assert get_current_settings().flows.heartbeat_frequency == default
+
+
 @pytest.mark.integration
 def test_command_uses_an_early_server_and_stops_it(tmp_path, bert_tokenizer_path):
     from tests.infer.test_fill_mask import save_tiny_mlm

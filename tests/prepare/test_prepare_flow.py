@@ -181,3 +181,23 @@ def test_kill_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path):
     clean = tmp_path / "clean"
     assert _cli(*args, "--workers", "2", "--output", str(clean), env=env).returncode == 0
     assert _tree(killed) == _tree(clean)  # nothing lost, nothing duplicated, no temp files left
+
+
+def test_tokenizer_warm_up_fills_the_cache_and_leaves_errors_to_the_stage(tmp_path):
+    """``distilflow prepare`` loads the tokenizer in a thread while its flow runs start (the command line's
+    preload); the pairs stage then finds it in the cache, and a broken folder still fails there, not earlier."""
+    from distilflow.tasks.prepare import job
+    from distilflow.tasks.prepare.pairs import load_tokenizer
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "tokenizer.json").write_text("{not json")
+    load_tokenizer.cache_clear()
+    job.warm_tokenizer(str(broken))  # no error here ...
+    with pytest.raises(ValueError):  # ... but where the stage loads it, as without the warm-up
+        job.save_tokenizer(str(broken), str(tmp_path / "out-broken"))
+    job.warm_tokenizer(str(BERT_TOKENIZER))
+    job.save_tokenizer(str(BERT_TOKENIZER), str(tmp_path / "out"))  # waits for the warm-up, then loads from the cache
+    info = load_tokenizer.cache_info()
+    assert info.misses == 3 and info.hits >= 1  # broken twice (a failure is not cached), BERT once: by the warm-up
+    assert (tmp_path / "out" / "tokenizer" / "tokenizer.json").exists()
