@@ -16,14 +16,13 @@ import sys
 from typing import Any
 
 from prefect import task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.events import DeploymentEventTrigger
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
 from distilflow.flows.common import config_flow, publish
-from distilflow.flows.runners import make_task_runner, run_in_subflow
+from distilflow.flows.runners import ProgressArtifact, make_task_runner, run_in_subflow
 from distilflow.tasks.core.errors import UserError
 from distilflow.tasks.core.hf import check_model
 from distilflow.tasks.core.io import expand_inputs, folder_identity
@@ -67,16 +66,16 @@ def _run_files(job_name: str, cfg: Any) -> dict[str, Any]:
     model_identity = folder_identity(cfg.model)  # its files' hashes: replaced weights rerun every file
     units = io.plan_units(expand_inputs(list(cfg.input)))
     stage = io.open_output(cfg.output, job_name, record.to_dict(), record.output_fingerprint(), cfg.overwrite)
-    progress: Any = create_progress_artifact(progress=0.0, description=f"{job_name} files")
     show = os.environ.get("DISTILFLOW_PROGRESS", "1") != "0"
-    with tqdm(desc=job_name, unit="row", disable=not show) as bar:
+    with ProgressArtifact(f"{job_name} files") as progress, tqdm(desc=job_name, unit="row", disable=not show) as bar:
         _ROWS = bar if cfg.in_process else None
         try:
             file_task = infer_file.with_options(task_run_name=f"{job_name}-{{unit[1]}}")
             futures = [file_task.submit(u, job_name=job_name, record=record.to_dict(), output=cfg.output,
                                         model_identity=model_identity) for u in units]
             for done, fut in enumerate(as_completed(futures), start=1):
-                update_progress_artifact(progress, progress=100.0 * done / len(futures))
+                progress.update(100.0 * done / len(futures))
+                fut.wait()  # done: its final state from the future itself, not from the API
                 if not cfg.in_process and fut.state.is_completed():
                     bar.update(fut.result().get("input_rows", 0))
         finally:

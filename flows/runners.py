@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -11,6 +13,7 @@ from typing import Any, TypeVar
 
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.context import SettingsContext
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from tqdm import tqdm
@@ -90,6 +93,54 @@ def run_in_subflow(fn: Any, name: str, runner: Any, **kwargs: Any) -> Any:
     return flow(name=name, log_prints=True)(fn).with_options(task_runner=runner)(**kwargs)
 
 
+class ProgressArtifact:
+    """A Prefect progress artifact whose updates go out from a thread of its own, the latest value only.
+
+    Each update is an API round trip (0.1-0.6 s measured while the workers load the machine); sent from the
+    loop that collects finished units it delayed the end of every stage by one. Use as a context manager:
+    leaving it sends the last value and lets the thread end (it is joined at exit, so the value arrives)."""
+
+    def __init__(self, description: str, key: str | None = None):
+        self.id: Any = create_progress_artifact(progress=0.0, description=description, key=key)
+        self._value: float | None = None
+        self._closed = False
+        self._cond = threading.Condition()
+        self._settings = SettingsContext.get()  # the caller's API URL, without its flow run's client
+        self._thread = threading.Thread(target=self._run, name="progress-artifact")
+        self._thread.start()
+
+    def update(self, percent: float) -> None:
+        with self._cond:
+            self._value = percent
+            self._cond.notify()
+
+    def __enter__(self) -> ProgressArtifact:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        # A client of its own: the flow run's client is closed when the flow ends, perhaps before the last value
+        # goes out. Only the settings are carried over from the caller.
+        s = self._settings
+        with SettingsContext(profile=s.profile, settings=s.settings) if s else contextlib.nullcontext():
+            self._send()
+
+    def _send(self) -> None:
+        while True:
+            with self._cond:
+                while self._value is None and not self._closed:
+                    self._cond.wait()
+                value, self._value = self._value, None
+            if value is None:
+                return
+            with contextlib.suppress(Exception):  # progress is for show: never fails the job
+                update_progress_artifact(self.id, progress=value)
+
+
 def wait_with_progress(futures: list[PrefectFuture], title: str, key: str | None = None,
                        sizes: list[float] | None = None, unit: str = "shard") -> list[Any]:
     """Wait for all futures with a terminal progress bar and a Prefect progress artifact.
@@ -100,18 +151,20 @@ def wait_with_progress(futures: list[PrefectFuture], title: str, key: str | None
     tokens/s.
     """
     total = len(futures)
-    artifact_id: Any = create_progress_artifact(progress=0.0, description=title, key=key) if total else None
     done = 0
     show = os.environ.get("DISTILFLOW_PROGRESS", "1") != "0"
     size_of = {id(f): s for f, s in zip(futures, sizes, strict=True)} if sizes is not None else {}
     bar_total = sum(size_of.values()) if sizes is not None else total
-    with tqdm(total=bar_total, desc=title, unit=unit, unit_scale=sizes is not None,
-              disable=not show or total == 0) as bar:
+    with (ProgressArtifact(title, key) if total else contextlib.nullcontext()) as progress, \
+            tqdm(total=bar_total, desc=title, unit=unit, unit_scale=sizes is not None,
+                 disable=not show or total == 0) as bar:
         for fut in as_completed(futures):
             done += 1
             bar.update(size_of.get(id(fut), 1))
-            if artifact_id is not None:
-                update_progress_artifact(artifact_id, progress=100.0 * done / total)
+            if progress is not None:
+                progress.update(100.0 * done / total)
+    for f in futures:
+        f.wait()  # done: this takes its final state from the future itself, not from the API
     errors = [f for f in futures if f.state.is_failed() or f.state.is_crashed()]
     if errors:
         # .result() re-raises the task's own exception with its message
