@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import multiprocessing
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
@@ -98,7 +100,11 @@ class ProgressArtifact:
 
     Each update is an API round trip (0.1-0.6 s measured while the workers load the machine); sent from the
     loop that collects finished units it delayed the end of every stage by one. Use as a context manager:
-    leaving it sends the last value and lets the thread end (it is joined at exit, so the value arrives)."""
+    leaving it sends the last value and lets the thread end. The process waits for such threads at exit, at
+    most ``EXIT_WAIT`` seconds in all (a dead or hung API server never holds up the end of a command)."""
+
+    EXIT_WAIT = 5.0
+    _threads: list[threading.Thread] = []
 
     def __init__(self, description: str, key: str | None = None):
         self.id: Any = create_progress_artifact(progress=0.0, description=description, key=key)
@@ -106,8 +112,17 @@ class ProgressArtifact:
         self._closed = False
         self._cond = threading.Condition()
         self._settings = SettingsContext.get()  # the caller's API URL, without its flow run's client
-        self._thread = threading.Thread(target=self._run, name="progress-artifact")
+        self._thread = threading.Thread(target=self._run, name="progress-artifact", daemon=True)
+        if not ProgressArtifact._threads:
+            atexit.register(ProgressArtifact._join_all)
+        ProgressArtifact._threads = [t for t in ProgressArtifact._threads if t.is_alive()] + [self._thread]
         self._thread.start()
+
+    @staticmethod
+    def _join_all() -> None:
+        deadline = time.monotonic() + ProgressArtifact.EXIT_WAIT
+        for t in ProgressArtifact._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def update(self, percent: float) -> None:
         with self._cond:
