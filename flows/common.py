@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from prefect import Flow, flow
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.context import SettingsContext
 
 from distilflow.tasks.core import lock
 from distilflow.tasks.core.config import Config, docstring_args, signature
@@ -58,3 +63,64 @@ def config_flow(cls: type[Config], *, name: str, defaults: dict[str, Any] | None
 def publish(markdown: str, key: str | None = None, description: str | None = None) -> None:
     """A markdown artifact in the Prefect UI (keys: lowercase letters, digits and dashes)."""
     create_markdown_artifact(markdown=markdown, key=key, description=description)
+
+
+class ProgressArtifact:
+    """A Prefect progress artifact whose updates go out from a thread of its own, the latest value only.
+
+    Each update is an API round trip (0.1-0.6 s measured while the workers load the machine); sent from the
+    loop that collects finished units it delayed the end of every stage by one. Use as a context manager:
+    leaving it sends the last value and lets the thread end. The process waits for such threads at exit, at
+    most ``EXIT_WAIT`` seconds in all (a dead or hung API server never holds up the end of a command)."""
+
+    EXIT_WAIT = 5.0
+    _threads: list[threading.Thread] = []
+
+    def __init__(self, description: str, key: str | None = None):
+        self.id: Any = create_progress_artifact(progress=0.0, description=description, key=key)
+        self._value: float | None = None
+        self._closed = False
+        self._cond = threading.Condition()
+        self._settings = SettingsContext.get()  # the caller's API URL, without its flow run's client
+        self._thread = threading.Thread(target=self._run, name="progress-artifact", daemon=True)
+        if not ProgressArtifact._threads:
+            atexit.register(ProgressArtifact._join_all)
+        ProgressArtifact._threads = [t for t in ProgressArtifact._threads if t.is_alive()] + [self._thread]
+        self._thread.start()
+
+    @staticmethod
+    def _join_all() -> None:
+        deadline = time.monotonic() + ProgressArtifact.EXIT_WAIT
+        for t in ProgressArtifact._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def update(self, percent: float) -> None:
+        with self._cond:
+            self._value = percent
+            self._cond.notify()
+
+    def __enter__(self) -> ProgressArtifact:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        # A client of its own: the flow run's client is closed when the flow ends, perhaps before the last value
+        # goes out. Only the settings are carried over from the caller.
+        s = self._settings
+        with SettingsContext(profile=s.profile, settings=s.settings) if s else contextlib.nullcontext():
+            self._send()
+
+    def _send(self) -> None:
+        while True:
+            with self._cond:
+                while self._value is None and not self._closed:
+                    self._cond.wait()
+                value, self._value = self._value, None
+            if value is None:
+                return
+            with contextlib.suppress(Exception):  # progress is for show: never fails the job
+                update_progress_artifact(self.id, progress=value)

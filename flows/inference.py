@@ -21,8 +21,8 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from tqdm import tqdm
 
-from distilflow.flows.common import config_flow, publish
-from distilflow.flows.runners import ProgressArtifact, make_task_runner, run_in_subflow
+from distilflow.flows.common import ProgressArtifact, config_flow, publish
+from distilflow.flows.runners import make_task_runner, run_in_subflow
 from distilflow.tasks.core.errors import UserError
 from distilflow.tasks.core.hf import check_model
 from distilflow.tasks.core.io import expand_inputs, folder_identity

@@ -1,4 +1,4 @@
-"""flows/runners.py: the progress artifact that updates from a thread of its own."""
+"""flows/common.py: the progress artifact that updates from a thread of its own."""
 
 from __future__ import annotations
 
@@ -12,21 +12,21 @@ def test_progress_artifact_sends_the_latest_value_without_blocking_the_caller(pr
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
 
-    from distilflow.flows import runners
+    from distilflow.flows import common
 
     release = threading.Event()
-    real_update = runners.update_progress_artifact
+    real_update = common.update_progress_artifact
 
     def slow_update(artifact_id, progress):  # a busy API server: each round trip waits
         release.wait(timeout=30)
         return real_update(artifact_id, progress=progress)
 
-    monkeypatch.setattr(runners, "update_progress_artifact", slow_update)
+    monkeypatch.setattr(common, "update_progress_artifact", slow_update)
 
     @flow
     def stage() -> tuple[object, float, threading.Thread]:
         t0 = time.perf_counter()
-        with runners.ProgressArtifact("test progress") as progress:
+        with common.ProgressArtifact("test progress") as progress:
             for v in (10.0, 50.0, 90.0, 100.0):
                 progress.update(v)
         return progress.id, time.perf_counter() - t0, progress._thread
