@@ -147,8 +147,7 @@ class _FusedHeadLosses(torch.autograd.Function):
         rb = L2_ROWS if dev.type == "cpu" else c0  # rows per element-wise step (a GPU takes the whole chunk)
         g_rows = torch.zeros(rb, v, dtype=f32, device=dev)  # [r, V] q - p summed over the blocks: b's gradient
         gb_mlm = torch.zeros(v, dtype=f32, device=dev)  # [V] the MLM rows' part of b's gradient
-        # [c, V] logits of both models and q - p, in the matmuls' dtype, reused by every chunk (fresh ones
-        # would be page-faulted in for each)
+        # [c, V] logits of both models and q - p, in the matmuls' dtype, allocated once and reused by every chunk
         s_buf, t_buf, g_buf = (torch.empty(c0, v, dtype=mm, device=dev) for _ in range(3))
         for i in range(0, n, chunk):
             zc = z[i: i + chunk].to(mm)  # [c, H]
