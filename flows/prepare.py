@@ -165,8 +165,7 @@ class _Command:
         return 0
 
     def preload(self, cfg: Any) -> None:
-        job.preflight(cfg)
-        if isinstance(cfg, PairsOptions):
+        if isinstance(cfg, PairsOptions):  # a bad folder is named by the preflight in __call__, as before
             job.warm_tokenizer(cfg.tokenizer)
 
 

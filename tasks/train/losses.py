@@ -135,7 +135,8 @@ class _FusedHeadLosses(torch.autograd.Function):
         m = int(masked.sum())
         mm = _matmul_dtype(z)  # bf16 under autocast, as the nn.Linear it replaces would run
         wc, wtc = w.to(mm), wt.to(mm)  # [V, H]
-        b32, b_T, bt_T = b.float(), b.float() / T, bt.float() / T  # [V]: biases added in fp32 after the matmuls
+        b32 = b.float()  # [V]: the biases are added in fp32, after the matmuls
+        b_T, bt_T = b32 / T, bt.float() / T
         # the KL gradient's scale goes into the matmuls' alpha; the MLM rows are added to it relative to it
         k_scale = alpha_ce * T / n if n else 0.0
         out_scale = k_scale or 1.0
