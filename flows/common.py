@@ -70,8 +70,10 @@ class ProgressArtifact:
 
     Each update is an API round trip (0.1-0.6 s measured while the workers load the machine); sent from the
     loop that collects finished units it delayed the end of every stage by one. Use as a context manager:
-    leaving it sends the last value and lets the thread end. The process waits for such threads at exit, at
-    most ``EXIT_WAIT`` seconds in all (a dead or hung API server never holds up the end of a command)."""
+    leaving it sends the last value and lets the thread end. The command line waits for such threads when its
+    job has returned (:meth:`join_all`, before the interpreter's shutdown begins: from then on Prefect cannot
+    start the events worker that an artifact update reports to), other callers at exit; at most
+    ``EXIT_WAIT`` seconds in all (a dead or hung API server never holds up the end of a command)."""
 
     EXIT_WAIT = 5.0
     _threads: list[threading.Thread] = []
@@ -84,12 +86,13 @@ class ProgressArtifact:
         self._settings = SettingsContext.get()  # the caller's API URL, without its flow run's client
         self._thread = threading.Thread(target=self._run, name="progress-artifact", daemon=True)
         if not ProgressArtifact._threads:
-            atexit.register(ProgressArtifact._join_all)
+            atexit.register(ProgressArtifact.join_all)
         ProgressArtifact._threads = [t for t in ProgressArtifact._threads if t.is_alive()] + [self._thread]
         self._thread.start()
 
     @staticmethod
-    def _join_all() -> None:
+    def join_all() -> None:
+        """Wait until the last values have gone out, at most ``EXIT_WAIT`` seconds in all."""
         deadline = time.monotonic() + ProgressArtifact.EXIT_WAIT
         for t in ProgressArtifact._threads:
             t.join(timeout=max(0.0, deadline - time.monotonic()))

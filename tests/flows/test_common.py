@@ -39,3 +39,56 @@ def test_progress_artifact_sends_the_latest_value_without_blocking_the_caller(pr
     with get_client(sync_client=True) as client:
         art = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[artifact_id])))
     assert [a.data for a in art] == [100.0]  # the last value arrived
+
+
+SLOW_EXIT_SCRIPT = """
+import atexit, sys, threading, time
+from prefect import flow
+from distilflow import cli
+from distilflow.flows import common
+
+real_update = common.update_progress_artifact
+
+def slow_update(artifact_id, progress):  # the last value is still on its way when the job returns
+    time.sleep(2)  # longer than Prefect's own exit handlers take (with 0.5 s the bug did not show)
+    return real_update(artifact_id, progress=progress)
+
+common.update_progress_artifact = slow_update
+
+@flow
+def stage():
+    with common.ProgressArtifact("exit test") as progress:
+        progress.update(100.0)
+    return progress.id
+
+print("ARTIFACT", stage(), flush=True)
+if sys.argv[1] == "command-line":
+    cli._send_pending_progress()  # what distilflow.cli.main does once the job has returned
+threading._shutdown()  # then the interpreter's exit, as distilflow.cli.console runs it
+atexit._run_exitfuncs()
+"""
+
+
+def test_the_last_progress_value_goes_out_before_the_interpreter_shuts_down(prefect_test_harness_session, tmp_path):
+    """The command line sends pending progress values once its job has returned. Left to the exit handlers,
+    Prefect can no longer start the events worker an artifact update reports to: an ERROR with a traceback
+    ("can't register atexit after shutdown") after every fill-mask result line."""
+    import os
+    import subprocess
+    import sys
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterId
+    from prefect.settings import get_current_settings
+
+    env = {**os.environ, "PREFECT_API_URL": str(get_current_settings().api.url)}
+    proc = subprocess.run([sys.executable, "-c", SLOW_EXIT_SCRIPT, "command-line"], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "Error emitting event" not in out, out
+    artifact_id = UUID(next(line for line in proc.stdout.splitlines() if line.startswith("ARTIFACT")).split()[1])
+    with get_client(sync_client=True) as client:
+        art = client.read_artifacts(artifact_filter=ArtifactFilter(id=ArtifactFilterId(any_=[artifact_id])))
+    assert [a.data for a in art] == [100.0]
