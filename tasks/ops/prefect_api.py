@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from distilflow.tasks.core.errors import UserError
@@ -133,15 +134,35 @@ def wait_ready() -> None:
 
 
 def run_settings() -> contextlib.AbstractContextManager[object]:
-    """Settings for this command's flow runs. Under our temporary server: no flow-run heartbeats. They exist so
-    that a server can tell a crashed run from a live one, and this server dies with the command; and at the
-    end of every flow run Prefect waits for its heartbeat thread, which sleeps in 1 s steps (0-1 s, twice for a
-    flow with a sub-flow). With a configured server they stay on."""
+    """Settings for this command's flow runs. Heartbeats let a server tell a crashed run from a live one; at
+    the end of every flow run Prefect's sync engine joins the heartbeat thread, which sleeps in 1 s steps
+    (0-1 s per flow run: ~1.3 s of a prepare command, whose flow has a sub-flow). Under our temporary server,
+    which dies with the command: no heartbeats. With a configured server they stay on, but the flow run ends
+    without waiting for that thread: stopped, the daemon thread ends by itself within a second, which is how
+    Prefect's async engine leaves it (``join_on_exit=False``)."""
     if _SERVER is None:
-        return contextlib.nullcontext()
+        return _heartbeats_not_joined()
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     return temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+
+
+@contextlib.contextmanager
+def _heartbeats_not_joined() -> Iterator[None]:
+    import functools
+    import inspect
+
+    from prefect import flow_engine
+
+    send = getattr(flow_engine, "_send_heartbeats", None)
+    if send is None or "join_on_exit" not in inspect.signature(send).parameters:  # another Prefect: as it is
+        yield None
+        return
+    flow_engine._send_heartbeats = functools.partial(send, join_on_exit=False)
+    try:
+        yield None
+    finally:
+        flow_engine._send_heartbeats = send
 
 
 def _configured_elsewhere(started: bool) -> bool:

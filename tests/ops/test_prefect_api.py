@@ -71,6 +71,40 @@ def test_flow_runs_under_our_temporary_server_send_no_heartbeats(monkeypatch):
     assert get_current_settings().flows.heartbeat_frequency == default
 
 
+def test_with_a_configured_server_heartbeats_go_out_and_a_run_does_not_wait_for_their_thread(
+        prefect_test_harness_session, monkeypatch):
+    """The heartbeat thread sleeps in 1 s steps; Prefect's sync engine joined it (up to 2 s) at the end of every
+    flow run. Made to sleep 10 s per step here: the run must end at once, and the heartbeat must have gone out."""
+    import threading
+    import types
+
+    from prefect import flow, flow_engine
+
+    monkeypatch.setattr(prefect_api, "_SERVER", None)  # a configured API
+    slept = threading.Event()
+
+    def sleep(seconds: float) -> None:
+        if threading.current_thread() is not threading.main_thread():  # the heartbeat thread, after a beat
+            slept.set()
+            seconds *= 10
+        time.sleep(seconds)
+
+    shim = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    shim.sleep = sleep
+    monkeypatch.setattr(flow_engine, "time", shim)
+
+    @flow
+    def quick() -> float:
+        slept.wait(timeout=30)  # the heartbeat went out and its thread is asleep: what the end of a run joined
+        return time.perf_counter()
+
+    with prefect_api.run_settings():
+        body_end = quick()
+        waited = time.perf_counter() - body_end
+    assert slept.is_set(), "no heartbeat thread ran: heartbeats are off"
+    assert waited < 1.5, f"the flow run waited {waited:.2f} s after its body"
+
+
 @pytest.mark.integration
 def test_command_uses_an_early_server_and_stops_it(tmp_path, bert_tokenizer_path):
     from tests.infer.test_fill_mask import save_tiny_mlm
