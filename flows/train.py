@@ -19,14 +19,12 @@ import os
 import subprocess
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
-from uuid import UUID
+from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from tqdm import tqdm
 
-from distilflow.flows.common import config_flow, publish
+from distilflow.flows.common import ProgressArtifact, config_flow, publish
 from distilflow.tasks.core import procs
 from distilflow.tasks.train.checkpoint import read_curves_png, read_metrics, read_summary
 from distilflow.tasks.train.config import DISTILL_DEFAULTS, DISTILL_ONLY, PRETRAIN_ONLY, TrainConfig
@@ -56,40 +54,41 @@ def train_task(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     cfg = TrainConfig.from_dict(cfg_dict)
     logger = get_run_logger()
     launcher, nproc = resolve_launcher(cfg.launcher, cfg.nproc_per_node)
-    progress = cast(UUID, create_progress_artifact(progress=0.0, description=f"{cfg.mode} -> {cfg.output}"))
-    last = [0.0]
+    # updates go out from the artifact's own thread: the training loop calls on_log between steps
+    with ProgressArtifact(f"{cfg.mode} -> {cfg.output}") as progress:
+        last = [0.0]
 
-    def on_progress(step: int, total: int) -> None:
-        pct = 100.0 * step / max(1, total)
-        if pct - last[0] >= 1.0 or pct >= 100.0:  # at most ~100 artifact updates per run
-            update_progress_artifact(progress, progress=pct)
-            last[0] = pct
+        def on_progress(step: int, total: int) -> None:
+            pct = 100.0 * step / max(1, total)
+            if pct - last[0] >= 1.0 or pct >= 100.0:  # at most ~100 artifact updates per run
+                progress.update(pct)
+                last[0] = pct
 
-    def on_log(rec: dict[str, Any]) -> None:
-        with tqdm.external_write_mode():  # the line above the run's progress bar, not through it
-            logger.info(format_line(rec))
-        if "total_steps" in rec:
-            on_progress(rec["step"], rec["total_steps"])
+        def on_log(rec: dict[str, Any]) -> None:
+            with tqdm.external_write_mode():  # the line above the run's progress bar, not through it
+                logger.info(format_line(rec))
+            if "total_steps" in rec:
+                on_progress(rec["step"], rec["total_steps"])
 
-    logger.info(f"{cfg.mode}: launcher={launcher} processes={nproc} output={cfg.output}")
-    if launcher == "inprocess":
-        summary = train(cfg, on_log=on_log)
-    else:
-        cmd = launch_command(write_launch_config(cfg), nproc, torchrun=launcher == "torchrun")
-        logger.info("launching: " + " ".join(cmd))
+        logger.info(f"{cfg.mode}: launcher={launcher} processes={nproc} output={cfg.output}")
+        if launcher == "inprocess":
+            summary = train(cfg, on_log=on_log)
+        else:
+            cmd = launch_command(write_launch_config(cfg), nproc, torchrun=launcher == "torchrun")
+            logger.info("launching: " + " ".join(cmd))
 
-        def on_line(line: str) -> None:
-            if line.strip():
-                logger.info(line)
-            if (pos := parse_step(line)) is not None:
-                on_progress(*pos)
+            def on_line(line: str) -> None:
+                if line.strip():
+                    logger.info(line)
+                if (pos := parse_step(line)) is not None:
+                    on_progress(*pos)
 
-        env = {**os.environ, "DISTILFLOW_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
-        rc, tail = _stream(cmd, on_line, env)
-        if rc != 0:
-            raise RuntimeError(f"training exited with code {rc}; last lines:\n" + "\n".join(tail[-30:]))
-        summary = read_summary(cfg.output)
-    update_progress_artifact(progress, progress=100.0)
+            env = {**os.environ, "DISTILFLOW_PROGRESS": "0", "PYTHONUNBUFFERED": "1"}
+            rc, tail = _stream(cmd, on_line, env)
+            if rc != 0:
+                raise RuntimeError(f"training exited with code {rc}; last lines:\n" + "\n".join(tail[-30:]))
+            summary = read_summary(cfg.output)
+        progress.update(100.0)
     publish(loss_curve_markdown(cfg, read_metrics(cfg.output), summary)
             + curves_image_markdown(read_curves_png(cfg.output)), key=f"{cfg.mode}-loss-curves",
             description=f"{cfg.mode} loss curves and held-out accuracy")
