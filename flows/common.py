@@ -75,9 +75,15 @@ class ProgressArtifact:
     leaving it sends the last value and lets the thread end. The command line waits for such threads when its
     job has returned (:meth:`join_all`, before the interpreter's shutdown begins: from then on Prefect cannot
     start the events worker that an artifact update reports to), other callers at exit; at most
-    ``EXIT_WAIT`` seconds in all (a dead or hung API server never holds up the end of a command)."""
+    ``EXIT_WAIT`` seconds in all (a dead or hung API server never holds up the end of a command).
+
+    Values closer together than ``MIN_INTERVAL`` seconds are coalesced (the last one goes out on leaving): each
+    update is also an event the server persists and evaluates triggers on, a quarter of all events of a
+    prepare run on 1 GB when every finished unit (two a second) made one; on 2 cores that bookkeeping takes
+    CPU from the data work."""
 
     EXIT_WAIT = 5.0
+    MIN_INTERVAL = 2.0
     _threads: list[threading.Thread] = []
 
     def __init__(self, description: str, key: str | None = None):
@@ -127,16 +133,20 @@ class ProgressArtifact:
                 self._send(client)
 
     def _send(self, client: Any) -> None:
+        last = -float("inf")
         while True:
             with self._cond:
                 while self._value is None and not self._closed:
                     self._cond.wait()
+                while not self._closed and (wait := last + self.MIN_INTERVAL - time.monotonic()) > 0:
+                    self._cond.wait(wait)  # coalesce: later values replace this one meanwhile
                 value, self._value = self._value, None
             if value is None:
                 return
             if client is not None:
                 with contextlib.suppress(Exception):  # progress is for show: never fails the job
                     update_progress(client, self.id, value)
+            last = time.monotonic()
 
 
 def update_progress(client: Any, artifact_id: Any, progress: float) -> None:

@@ -58,6 +58,7 @@ def test_progress_updates_share_one_client(prefect_test_harness_session, monkeyp
         real_init(self, *args, **kwargs)
 
     monkeypatch.setattr(orchestration.SyncPrefectClient, "__init__", counting_init)
+    monkeypatch.setattr(common.ProgressArtifact, "MIN_INTERVAL", 0.0)
     sent = []
     real_update = common.update_progress
 
@@ -80,6 +81,36 @@ def test_progress_updates_share_one_client(prefect_test_harness_session, monkeyp
     stage().join(timeout=30)
     assert sent == [20.0, 40.0, 60.0, 80.0, 100.0]
     assert made.count("progress-artifact") == 1
+
+
+def test_progress_values_closer_than_the_interval_are_coalesced(prefect_test_harness_session, monkeypatch):
+    """Each update is also an event the server persists; a stage whose units finish twice a second sends one
+    every MIN_INTERVAL seconds, and the last value when it ends."""
+    from prefect import flow
+
+    from distilflow.flows import common
+
+    monkeypatch.setattr(common.ProgressArtifact, "MIN_INTERVAL", 1.0)
+    sent = []
+    real_update = common.update_progress
+
+    def recording_update(client, artifact_id, progress):
+        real_update(client, artifact_id, progress)
+        sent.append(progress)
+
+    monkeypatch.setattr(common, "update_progress", recording_update)
+
+    @flow
+    def stage() -> threading.Thread:
+        with common.ProgressArtifact("coalescing test") as progress:
+            for v in range(1, 101):  # ~0.5 s of updates
+                progress.update(float(v))
+                time.sleep(0.005)
+        return progress._thread
+
+    stage().join(timeout=30)
+    assert sent[-1] == 100.0
+    assert 1 <= len(sent) <= 3, sent
 
 SLOW_EXIT_SCRIPT = """
 import atexit, sys, threading, time
