@@ -140,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                     start_temporary_server()
                     wait_ready()
                 with run_settings():
-                    rc = int(args.func(args) or 0)
-                _send_pending_progress()
-                return rc
+                    return int(args.func(args) or 0)
             cfg = args.spec.config_from(args)
             if args.command not in NO_FLOW_RUN:  # without PREFECT_API_URL: the temporary server boots while the
                 start_temporary_server()         # job imports Prefect and torch (tasks/ops/prefect_api.py)
@@ -154,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             getattr(run, "preload", lambda cfg: None)(cfg)  # e.g. the model, also while the server boots
             wait_ready()
             with run_settings():
-                rc = int(run(cfg) or 0)
-            _send_pending_progress()
-            return rc
+                return int(run(cfg) or 0)
         except UserError as e:
             print(f"distilflow {args.command}: error: {_one_line(e)}", file=sys.stderr)
             return 2
@@ -167,15 +163,6 @@ def main(argv: list[str] | None = None) -> int:
             guard.stop_all()
             _interrupted(args.command)
             return 128 + signum
-
-
-def _send_pending_progress() -> None:
-    """Progress values still on their way to the API (``flows/common.ProgressArtifact``) go out now: from the
-    exit handlers, after ``threading._shutdown`` has begun, Prefect fails to start the events worker that each
-    artifact update reports to and logs a traceback ("can't register atexit after shutdown")."""
-    common = sys.modules.get("distilflow.flows.common")  # loaded only by commands that run a flow
-    if common is not None:
-        common.ProgressArtifact.join_all()
 
 
 def _stop_signal(e: BaseException) -> int | None:

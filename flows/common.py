@@ -47,10 +47,13 @@ def config_flow(cls: type[Config], *, name: str, defaults: dict[str, Any] | None
         def fn(**params: Any) -> T:
             cfg = cls.from_dict({**flow_defaults, **params, **fixed})
             output = getattr(cfg, "output", None)
-            if not isinstance(output, str) or not output:
-                return body(cfg)
-            with lock.hold(output, name):  # one run per output folder (tasks/core/lock.py)
-                return body(cfg)
+            try:
+                if not isinstance(output, str) or not output:
+                    return body(cfg)
+                with lock.hold(output, name):  # one run per output folder (tasks/core/lock.py)
+                    return body(cfg)
+            finally:
+                ProgressArtifact.join_all()  # the last progress values go out while the run is still up
 
         fn.__signature__ = sig  # type: ignore[attr-defined]
         fn.__name__, fn.__qualname__, fn.__module__ = body.__name__, body.__qualname__, body.__module__
@@ -72,10 +75,10 @@ class ProgressArtifact:
 
     Each update is an API round trip (0.1-0.6 s measured while the workers load the machine); sent from the
     loop that collects finished units it delayed the end of every stage by one. Use as a context manager:
-    leaving it sends the last value and lets the thread end. The command line waits for such threads when its
-    job has returned (:meth:`join_all`, before the interpreter's shutdown begins: from then on Prefect cannot
-    start the events worker that an artifact update reports to), other callers at exit; at most
-    ``EXIT_WAIT`` seconds in all (a dead or hung API server never holds up the end of a command).
+    leaving it sends the last value and lets the thread end. Every job flow (:func:`config_flow`) waits for such
+    threads before it returns (:meth:`join_all`), other callers at exit -- where the value still goes out but
+    Prefect, its shutdown begun, can no longer start the events worker the update reports to and logs a
+    traceback. At most ``EXIT_WAIT`` seconds in all (a dead or hung API server never holds up a command).
 
     Values closer together than ``MIN_INTERVAL`` seconds are coalesced (the last one goes out on leaving): each
     update is also an event the server persists and evaluates triggers on, a quarter of all events of a
