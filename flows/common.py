@@ -87,7 +87,7 @@ class ProgressArtifact:
 
     EXIT_WAIT = 5.0
     MIN_INTERVAL = 2.0
-    _threads: list[threading.Thread] = []
+    _senders: list[ProgressArtifact] = []
 
     def __init__(self, description: str, key: str | None = None):
         self.id: Any = create_progress_artifact(progress=0.0, description=description, key=key)
@@ -96,17 +96,19 @@ class ProgressArtifact:
         self._cond = threading.Condition()
         self._settings = SettingsContext.get()  # the caller's API URL, without its flow run's client
         self._thread = threading.Thread(target=self._run, name="progress-artifact", daemon=True)
-        if not ProgressArtifact._threads:
+        if not ProgressArtifact._senders:
             atexit.register(ProgressArtifact.join_all)
-        ProgressArtifact._threads = [t for t in ProgressArtifact._threads if t.is_alive()] + [self._thread]
+        ProgressArtifact._senders = [a for a in ProgressArtifact._senders if a._thread.is_alive()] + [self]
         self._thread.start()
 
     @staticmethod
     def join_all() -> None:
-        """Wait until the last values have gone out, at most ``EXIT_WAIT`` seconds in all."""
+        """Wait until the last values of the artifacts already left have gone out, at most ``EXIT_WAIT`` seconds
+        in all (one still in use, by another flow of this process, is not waited for)."""
         deadline = time.monotonic() + ProgressArtifact.EXIT_WAIT
-        for t in ProgressArtifact._threads:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        for a in ProgressArtifact._senders:
+            if a._closed:
+                a._thread.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def update(self, percent: float) -> None:
         with self._cond:

@@ -112,6 +112,24 @@ def test_progress_values_closer_than_the_interval_are_coalesced(prefect_test_har
     assert sent[-1] == 100.0
     assert 1 <= len(sent) <= 3, sent
 
+
+def test_a_job_flow_ending_does_not_wait_for_an_artifact_still_in_use(prefect_test_harness_session):
+    """join_all waits only for artifacts already left: another flow of the same process (a watcher's) may
+    still be using one, and EXIT_WAIT seconds of waiting for it would be for nothing."""
+    from prefect import flow
+
+    from distilflow.flows import common
+
+    @flow
+    def stage() -> float:
+        with common.ProgressArtifact("still in use") as progress:
+            progress.update(50.0)
+            t0 = time.perf_counter()
+            common.ProgressArtifact.join_all()
+            return time.perf_counter() - t0
+
+    assert stage() < 1.0
+
 SLOW_EXIT_SCRIPT = """
 import atexit, sys, threading, time
 from dataclasses import dataclass
