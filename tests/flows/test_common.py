@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 
 def test_progress_artifact_sends_the_latest_value_without_blocking_the_caller(prefect_test_harness_session,
                                                                               monkeypatch):
@@ -41,8 +43,23 @@ def test_progress_artifact_sends_the_latest_value_without_blocking_the_caller(pr
     assert [a.data for a in art] == [100.0]  # the last value arrived
 
 
+@pytest.fixture
+def sent(monkeypatch) -> list[float]:
+    """The progress values that went out to the API, in order."""
+    from distilflow.flows import common
 
-def test_progress_updates_share_one_client(prefect_test_harness_session, monkeypatch):
+    values: list[float] = []
+    real_update = common.update_progress
+
+    def recording_update(client, artifact_id, progress):
+        real_update(client, artifact_id, progress)
+        values.append(progress)
+
+    monkeypatch.setattr(common, "update_progress", recording_update)
+    return values
+
+
+def test_progress_updates_share_one_client(prefect_test_harness_session, monkeypatch, sent):
     """Prefect's update_progress_artifact builds a new API client per call, and each client a TLS context
     (~50 ms of CPU: a quarter of prepare's command-line process on 66 MB). The sender makes one."""
     from prefect import flow
@@ -59,14 +76,6 @@ def test_progress_updates_share_one_client(prefect_test_harness_session, monkeyp
 
     monkeypatch.setattr(orchestration.SyncPrefectClient, "__init__", counting_init)
     monkeypatch.setattr(common.ProgressArtifact, "MIN_INTERVAL", 0.0)
-    sent = []
-    real_update = common.update_progress
-
-    def recording_update(client, artifact_id, progress):
-        real_update(client, artifact_id, progress)
-        sent.append(progress)
-
-    monkeypatch.setattr(common, "update_progress", recording_update)
 
     @flow
     def stage() -> threading.Thread:
@@ -83,7 +92,7 @@ def test_progress_updates_share_one_client(prefect_test_harness_session, monkeyp
     assert made.count("progress-artifact") == 1
 
 
-def test_progress_values_closer_than_the_interval_are_coalesced(prefect_test_harness_session, monkeypatch):
+def test_progress_values_closer_than_the_interval_are_coalesced(prefect_test_harness_session, monkeypatch, sent):
     """Each update is also an event the server persists; a stage whose units finish twice a second sends one
     every MIN_INTERVAL seconds, and the last value when it ends."""
     from prefect import flow
@@ -91,14 +100,6 @@ def test_progress_values_closer_than_the_interval_are_coalesced(prefect_test_har
     from distilflow.flows import common
 
     monkeypatch.setattr(common.ProgressArtifact, "MIN_INTERVAL", 1.0)
-    sent = []
-    real_update = common.update_progress
-
-    def recording_update(client, artifact_id, progress):
-        real_update(client, artifact_id, progress)
-        sent.append(progress)
-
-    monkeypatch.setattr(common, "update_progress", recording_update)
 
     @flow
     def stage() -> threading.Thread:
