@@ -63,8 +63,6 @@ def config_flow(cls: type[Config], *, name: str, defaults: dict[str, Any] | None
     return decorate
 
 
-
-
 def publish(markdown: str, key: str | None = None, description: str | None = None) -> None:
     """A markdown artifact in the Prefect UI (keys: lowercase letters, digits and dashes)."""
     create_markdown_artifact(markdown=markdown, key=key, description=description)
@@ -132,9 +130,9 @@ class ProgressArtifact:
         with SettingsContext(profile=s.profile, settings=s.settings) if s else contextlib.nullcontext():
             try:
                 client = get_client(sync_client=True)
-            except Exception:  # progress is for show: never fails the job
-                client = None
-            with client if client is not None else contextlib.nullcontext():
+            except Exception:  # progress is for show: never fails the job (its values just stay unsent)
+                return
+            with client:
                 self._send(client)
 
     def _send(self, client: Any) -> None:
@@ -148,9 +146,8 @@ class ProgressArtifact:
                 value, self._value = self._value, None
             if value is None:
                 return
-            if client is not None:
-                with contextlib.suppress(Exception):  # progress is for show: never fails the job
-                    update_progress(client, self.id, value)
+            with contextlib.suppress(Exception):  # progress is for show: never fails the job
+                update_progress(client, self.id, value)
             last = time.monotonic()
 
 

@@ -173,5 +173,3 @@ run_prepare = _Command(prepare_flow, "prepare")
 run_shard = _Command(shard_flow, "shard")
 run_pairs = _Command(pairs_flow, "pairs")
 run_mask = _Command(mask_flow, "mask")
-
-
